@@ -1,0 +1,103 @@
+"""The shared datamodule: three checked splits served as batches of whole sequences.
+
+A subclass names its channels and says how to obtain the raw splits (:meth:`load_splits`); this
+class checks them (:func:`~datamodules.splits.check_splits`), keeps them only if every check
+passes, and builds the dataloaders. Batches are dicts from default collate:
+``inputs (B, L, d_in)``, ``targets (B, L, 1)``, ``index (B,)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.dataset import SequenceDataset
+from datamodules.splits import SPLITS, SplitArray, check_splits
+
+
+def default_input_columns(n_channels: int) -> tuple[int, ...]:
+    """All channels but the last (the target); a single channel is both input and target."""
+    return tuple(range(n_channels - 1)) if n_channels > 1 else (0,)
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Base for the sequence datamodules; subclasses set ``channels`` and ``load_splits``.
+
+    Args:
+        batch_size: sequences per batch.
+        num_workers: dataloader worker processes (0 loads in the main process).
+        context_window: steps the model reads before predicting the next one; every sequence
+            must be at least ``context_window + 1`` long.
+    """
+
+    channels: ClassVar[tuple[str, ...]] = ()
+    input_columns: ClassVar[tuple[int, ...]] = ()
+    target_column: ClassVar[int] = -1
+
+    def __init__(self, batch_size: int = 4, num_workers: int = 0, context_window: int = 16) -> None:
+        super().__init__()
+        _check_positive(batch_size=batch_size, context_window=context_window)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.context_window = context_window
+        self.datasets: dict[str, SequenceDataset] = {}
+
+    @property
+    def input_dim(self) -> int:
+        """Channels the model reads per step."""
+        return len(self.input_columns)
+
+    @property
+    def output_dim(self) -> int:
+        """Channels the model predicts per step (the single target)."""
+        return 1
+
+    def load_splits(self) -> dict[str, SplitArray]:
+        """Return the raw train / valid / test arrays ``(N, L, d)``; checked by the caller."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and check all three splits once; nothing is kept if any check fails."""
+        if self.datasets:
+            return
+        # All splits are loaded whatever the stage: their shapes are checked against each other.
+        arrays = check_splits(self.load_splits(), len(self.channels), self.context_window)
+        target = self.target_column % len(self.channels)
+        self.datasets = {
+            split: SequenceDataset(arrays[split], self.input_columns, target) for split in SPLITS
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        # No explicit generator: shuffling follows torch's global RNG, which seed_everything sets.
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.datasets:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for dataloaders")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

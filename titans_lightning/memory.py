@@ -1,0 +1,255 @@
+"""The neural memory: a small MLP whose weights keep learning while the model runs.
+
+Shape legend
+    S  memory slots (1 = one memory shared by the whole batch; B = one per sequence)
+    R  rows (tokens) per slot in one update or retrieval
+    d  embedding width (emb_dim), h  hidden width of the two-layer memory
+
+The fast weights are plain tensors with a leading slot dimension, owned by this module as
+buffers: the outer optimiser never sees them, ``state_dict`` saves them, ``reset()`` restores
+them. *How* they learn is delegated to a memory strategy (see :mod:`titans_lightning.strategy`);
+this module is the harness around the four strategy functions: it takes the gradient of the
+surprise, applies the strategy's new weights only where everything is finite, and records
+per-update statistics as device tensors (no host synchronisation per update).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .strategy import load_strategy
+
+STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
+
+
+class StrategyState(Mapping[str, Tensor]):
+    """Dict-like view of a strategy's state; assignment replaces the tensor (never in place)."""
+
+    def __init__(self, holder: nn.Module):
+        self._holder = holder
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return getattr(self._holder, name)
+        except AttributeError:
+            raise KeyError(f"no strategy state named {name!r}; create it in init_memory_state "
+                           f"with memory.register_state({name!r}, tensor)") from None
+
+    def __setitem__(self, name: str, value: Tensor) -> None:
+        if name not in self:
+            raise KeyError(f"strategy state {name!r} was not registered in init_memory_state")
+        if isinstance(getattr(self._holder, name), nn.Parameter):
+            raise KeyError(f"strategy state {name!r} is learnable; the outer optimiser owns it")
+        setattr(self._holder, name, value)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._holder._buffers or name in self._holder._parameters
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._holder._buffers
+        yield from self._holder._parameters
+
+    def __len__(self) -> int:
+        return len(self._holder._buffers) + len(self._holder._parameters)
+
+
+class NeuralMemory(nn.Module):
+    """Fast-weight MLP ``d -> h -> d`` (or one ``d -> d`` layer) driven by a memory strategy.
+
+    Args:
+        dim: embedding width d of keys, values and queries.
+        hidden: hidden width of the two-layer memory.
+        num_layers: 1 (a single Linear) or 2 (Linear, SiLU, Linear).
+        strategy: built-in name, dotted module, ``path/to/file.py``, or a module object.
+        options: hyperparameters the strategy reads from ``memory.options``.
+    """
+
+    def __init__(self, dim: int = 16, hidden: int = 32, num_layers: int = 2,
+                 strategy: Any = "titans_default", options: dict[str, Any] | None = None):
+        super().__init__()
+        if num_layers not in (1, 2):
+            raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
+        self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
+        self.strategy = load_strategy(strategy)
+        self.options: dict[str, Any] = dict(options or {})
+        self._state = nn.Module()
+        self._per_slot: set[str] = set()
+        initial = self._initial_weights()
+        self.weight_names = tuple(initial)
+        self._shapes = [tuple(w.shape[1:]) for w in initial.values()]
+        self._sizes = [w[0].numel() for w in initial.values()]
+        flat = torch.cat([w.flatten(1) for w in initial.values()], dim=1)  # (1, n_weights)
+        self.register_buffer("fast_weights", flat.clone())
+        self.register_buffer("initial_weights", flat.clone())
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
+        self._warned_skips = 0
+        self._gate: Tensor | None = None
+        self.history: list[dict[str, Tensor]] = []
+        self.strategy.init_memory_state(self, dim)
+        self._initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
+        for name, value in self._state._buffers.items():
+            self._initial_state.register_buffer(name, value.detach().clone())
+
+    # -- fast weights -------------------------------------------------------------------------
+    def _initial_weights(self) -> dict[str, Tensor]:
+        dims = [self.dim, self.dim] if self.num_layers == 1 else [self.dim, self.hidden, self.dim]
+        names = ["w", "b"] if self.num_layers == 1 else ["w1", "b1", "w2", "b2"]
+        tensors = []
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            layer = nn.Linear(fan_in, fan_out)  # the reference's default (Kaiming-uniform) init
+            tensors += [layer.weight.detach().unsqueeze(0), layer.bias.detach().unsqueeze(0)]
+        return dict(zip(names, tensors))
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """The current fast weights, ``{name: (S, ...)}`` (views of ``fast_weights``)."""
+        return self._unflatten(self.fast_weights)
+
+    def set_weights(self, weights: Mapping[str, Tensor]) -> None:
+        self.fast_weights = self._flatten(weights)
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        parts = flat.split(self._sizes, dim=1)
+        return {n: p.view(flat.shape[0], *shape)
+                for n, p, shape in zip(self.weight_names, parts, self._shapes)}
+
+    def _flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
+        return torch.cat([weights[n].reshape(weights[n].shape[0], -1)
+                          for n in self.weight_names], dim=1)  # (S, n_weights)
+
+    @property
+    def n_slots(self) -> int:
+        return self.fast_weights.shape[0]
+
+    def retrieve(self, q: Tensor) -> Tensor:
+        """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d)."""
+        w = self.weights
+        if self.num_layers == 1:
+            return torch.baddbmm(w["b"].unsqueeze(1), q, w["w"].transpose(1, 2))
+        h = F.silu(torch.baddbmm(w["b1"].unsqueeze(1), q, w["w1"].transpose(1, 2)))  # (S, R, h)
+        return torch.baddbmm(w["b2"].unsqueeze(1), h, w["w2"].transpose(1, 2))
+
+    # -- strategy state -----------------------------------------------------------------------
+    @property
+    def state(self) -> StrategyState:
+        """The strategy's state tensors (read ``memory.state[name]``, assign to replace)."""
+        return StrategyState(self._state)
+
+    def register_state(self, name: str, value: Tensor, per_slot: bool = False,
+                       learnable: bool = False) -> None:
+        """Create strategy state. ``per_slot`` tensors have a leading slot dimension (like the
+        weights) and are rolled back per slot; ``learnable`` ones are trained by the outer
+        optimiser (and never assigned by the strategy)."""
+        if learnable:
+            self._state.register_parameter(name, nn.Parameter(value))
+        else:
+            self._state.register_buffer(name, value)
+        if per_slot:
+            self._per_slot.add(name)
+
+    def zeros_like_weights(self) -> dict[str, Tensor]:
+        return {n: torch.zeros_like(w) for n, w in self.weights.items()}
+
+    def report_gate(self, rate: Tensor | float) -> None:
+        """Called by a gated ``apply_update``: fraction of the update applied, per slot or one."""
+        self._gate = torch.as_tensor(rate, dtype=torch.float32, device=self.num_updates.device)
+
+    # -- the update -----------------------------------------------------------------------------
+    def update(self, x: Tensor) -> Tensor:
+        """One memory update from a chunk of layer outputs ``x`` (S, R, d); returns the surprise."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "the neural memory learns at test time and needs autograd, which inference mode "
+                "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
+            )
+        old, old_state = self.fast_weights, dict(self.state.items())
+        surprise, grads = self._surprise_and_grads(x.detach(), old)
+        self._gate = None
+        new = self._flatten(self.strategy.apply_update(self, self._unflatten(grads), surprise))
+        ok = torch.isfinite(surprise).reshape(self.n_slots, -1).all(1)
+        ok &= torch.isfinite(grads).all(1) & torch.isfinite(new).all(1)  # (S,)
+        self.fast_weights = torch.where(ok[:, None], new, old)
+        self._commit_state(old_state, ok)
+        self._record(surprise, grads, old, ok)
+        return surprise
+
+    def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            keys, values = self.strategy.compute_keys_values(self, x)
+            leaf = old.detach().requires_grad_(True)
+            self.fast_weights = leaf
+            try:
+                surprise = self.strategy.compute_surprise(self, keys, values)
+                (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True)
+            finally:
+                self.fast_weights = old
+        return surprise.detach(), torch.zeros_like(old) if grads is None else grads
+
+    def _commit_state(self, old_state: dict[str, Tensor], ok: Tensor) -> None:
+        all_ok = ok.all()
+        for name, old in old_state.items():
+            new = self.state[name]
+            if new is old:
+                continue
+            keep = _expand(ok, new) if name in self._per_slot else all_ok
+            setattr(self._state, name, torch.where(keep, new, old))
+
+    def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
+        skipped = ~ok
+        self.num_updates += 1
+        self.skipped_updates += skipped.sum()
+        gate = self._gate if self._gate is not None else surprise.new_ones(())
+        new = self.fast_weights
+        self.history.append({
+            "surprise": surprise,
+            "grad_norm": grads.norm(dim=1),
+            "update_norm": (new - old).norm(dim=1),
+            "weight_norm": new.norm(dim=1),
+            "gate_rate": gate.to(surprise.dtype).expand_as(surprise).masked_fill(skipped, 0.0),
+            "skipped": skipped.to(surprise.dtype),
+        })
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def pop_history(self) -> dict[str, Tensor]:
+        """Statistics of the updates since the last call, ``{name: (U, S)}``, and clear them."""
+        history, self.history = self.history, []
+        if not history:
+            return {}
+        return {k: torch.stack([h[k].detach() for h in history]) for k in STAT_NAMES}
+
+    def warn_if_skipped(self) -> int:
+        """Warn once if updates were skipped since construction (one host sync); return count."""
+        count = int(self.skipped_updates)
+        if count > self._warned_skips and self._warned_skips == 0:
+            warnings.warn(
+                f"{count} memory update(s) produced a non-finite surprise, gradient or weight "
+                "and were skipped: the memory kept its previous weights and state. Check the "
+                "strategy's step sizes (see memory statistics for the skip count).",
+                RuntimeWarning, stacklevel=2)
+        self._warned_skips = max(self._warned_skips, count)
+        return count
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restore the initial fast weights and strategy state (shared, one slot)."""
+        self.fast_weights = self.initial_weights.clone()
+        for name, value in self._initial_state._buffers.items():
+            setattr(self._state, name, value.clone())
+        self.history.clear()
+
+    def extra_repr(self) -> str:
+        strategy = getattr(self.strategy, "__name__", type(self.strategy).__name__)
+        return (f"dim={self.dim}, hidden={self.hidden}, num_layers={self.num_layers}, "
+                f"strategy={strategy}, slots={self.n_slots}")
+
+
+def _expand(mask: Tensor, like: Tensor) -> Tensor:
+    """(S,) mask -> broadcastable against ``like`` (S, ...)."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+

@@ -1,0 +1,104 @@
+"""MACTitan: the Memory-as-Context Titans model (Behrouz et al., 2024, Sec. 4.1) for forecasting.
+
+Shape legend
+    B  sequences in the batch          T  time steps per sequence
+    C  context window (tokens per window)   G  windows in one group (<= C)
+    N  windows in one model call (B * G)    P  persistent-memory tokens
+    d  hidden width (16)               S  memory slots (1 shared, or B per-sequence)
+
+A sequence is cut into one window per end position t >= C-1. Windows are processed in groups
+of C consecutive end positions, in time order, so each layer's memory is updated once per
+group, after it has seen the earlier groups only (causal). See REFERENCE.md of the benchmark.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoder import EncoderLayer
+from .memory import NeuralMemory
+
+SCOPES = ("shared", "per_sequence")
+
+
+class MACLayer(nn.Module):
+    """One Memory-as-Context block: retrieve, attend over [persistent, memory, input], store."""
+
+    def __init__(self, hidden_dim: int, context_window: int, pm_len: int, memory: NeuralMemory,
+                 nhead: int = 2, dim_feedforward: int = 2048, dropout: float = 0.1):
+        super().__init__()
+        self.C, self.P = context_window, pm_len
+        self.memory = memory
+        self.persistent = nn.Parameter(torch.randn(pm_len, hidden_dim))
+        self.query = nn.Linear(hidden_dim, hidden_dim)
+        self.attention = EncoderLayer(hidden_dim, nhead, dim_feedforward, dropout)
+        self.project = nn.Linear((pm_len + 2 * context_window) * hidden_dim,
+                                 context_window * hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, C, d = x.shape  # (N, C, d)
+        S = self.memory.n_slots
+        q = F.silu(F.normalize(self.query(x), dim=-1))  # (N, C, d)
+        h = self.memory.retrieve(q.reshape(S, -1, d)).reshape(N, C, d)  # (N, C, d)
+        ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
+        y = self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
+        y = y.reshape(S, -1, d)  # (S, N*C/S, d)
+        self.memory.update(y)
+        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # (S, N*C/S, d), M'
+        return (y * torch.sigmoid(z)).reshape(N, C, d)
+
+
+class MACTitan(nn.Module):
+    """Embedding, MAC layers with residual ``x + silu(layer(x))``, and a linear head.
+
+    ``forward(inputs)`` maps (B, T, input_dim) to predictions (B, T, output_dim) for the target at
+    t+1, and a (T,) mask that is False where no full window exists (t < C-1).
+    """
+
+    def __init__(self, input_dim: int = 1, output_dim: int = 1, context_window: int = 16,
+                 hidden_dim: int = 16, pm_len: int = 4, num_layers: int = 2,
+                 memory_layers: int = 2, memory_hidden: int = 32,
+                 strategy: Any = "titans_default", strategy_options: dict | None = None,
+                 memory_scope: str = "shared", nhead: int = 2, dim_feedforward: int = 2048,
+                 dropout: float = 0.1):
+        super().__init__()
+        if memory_scope not in SCOPES:
+            raise ValueError(f"memory_scope must be one of {SCOPES}, got {memory_scope!r}")
+        if context_window < 1:
+            raise ValueError(f"context_window must be >= 1, got {context_window}")
+        self.C, self.memory_scope = context_window, memory_scope
+        self.emb = nn.Linear(input_dim, hidden_dim)
+        self.layers = nn.ModuleList(
+            MACLayer(hidden_dim, context_window, pm_len,
+                     NeuralMemory(hidden_dim, memory_hidden, memory_layers, strategy,
+                                  strategy_options),
+                     nhead, dim_feedforward, dropout)
+            for _ in range(num_layers))
+        self.head = nn.Linear(context_window * hidden_dim, output_dim)
+
+    @property
+    def memories(self) -> list[NeuralMemory]:
+        return [layer.memory for layer in self.layers]
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, _ = inputs.shape
+        C = self.C
+        if T < C:
+            raise ValueError(f"sequences of {T} steps are shorter than the context window {C}")
+        windows = self.emb(inputs).unfold(1, C, 1).transpose(2, 3)  # (B, T-C+1, C, d)
+        preds = [self.forward_group(windows[:, g:g + C]) for g in range(0, T - C + 1, C)]
+        preds = torch.cat(preds, dim=1)  # (B, T-C+1, out)
+        preds = F.pad(preds, (0, 0, C - 1, 0))  # (B, T, out): no prediction before t = C-1
+        valid = torch.arange(T, device=inputs.device) >= C - 1
+        return preds, valid
+
+    def forward_group(self, windows: Tensor) -> Tensor:
+        """One model call on the windows of one group (B, G, C, d) -> predictions (B, G, out)."""
+        B, G, C, d = windows.shape
+        x = windows.reshape(B * G, C, d)  # (N, C, d)
+        for layer in self.layers:
+            x = x + F.silu(layer(x))
+        return self.head(x.flatten(1)).reshape(B, G, -1)

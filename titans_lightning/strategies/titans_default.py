@@ -1,0 +1,45 @@
+"""The Titans update rule (Behrouz et al., 2024, Eqs. 12-14), exactly as the reference runs it.
+
+For a chunk of layer outputs z (R rows, detached), per slot:
+
+    keys   = l2normalize(silu(K z))              values = silu(V z)
+    loss   = sum_features mean_rows (M(keys) - values)^2                 (Eq. 12)
+    S_w   <- eta * S_w - theta * d loss / d w        (momentum "surprise", Eq. 13)
+    w     <- alpha * w + S_w                         (retention / forgetting, Eq. 14)
+
+K and V are fixed Linear(d, d, bias=False) maps, Xavier-uniform initialised. Options
+(``strategy_options``): ``alpha`` retention (0.999), ``eta`` momentum (0.9), ``theta``
+step size (0.01) — the benchmark model's values.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULTS = {"alpha": 0.999, "eta": 0.9, "theta": 0.01}
+
+
+def init_memory_state(memory, emb_dim):
+    for name in ("key_proj", "value_proj"):
+        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
+    for name, w in memory.zeros_like_weights().items():
+        memory.register_state(f"momentum_{name}", w, per_slot=True)
+
+
+def compute_keys_values(memory, x):
+    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
+    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
+    return keys, values
+
+
+def compute_surprise(memory, keys, values):
+    return (memory.retrieve(keys) - values).pow(2).mean(1).sum(-1)  # (S,)
+
+
+def apply_update(memory, grads, surprise):
+    opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
+    new = {}
+    for name, w in memory.weights.items():
+        momentum = opt["eta"] * memory.state[f"momentum_{name}"] - opt["theta"] * grads[name]
+        memory.state[f"momentum_{name}"] = momentum
+        new[name] = opt["alpha"] * w + momentum
+    return new
