@@ -76,7 +76,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
         self.strategy = load_strategy(strategy)
         self.options: dict[str, Any] = dict(options or {})
-        self._state = nn.Module()
+        self.strategy_state = nn.Module()
         self._per_slot: set[str] = set()
         initial = self._initial_weights()
         self.weight_names = tuple(initial)
@@ -91,9 +91,9 @@ class NeuralMemory(nn.Module):
         self._gate: Tensor | None = None
         self.history: list[dict[str, Tensor]] = []
         self.strategy.init_memory_state(self, dim)
-        self._initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
-        for name, value in self._state._buffers.items():
-            self._initial_state.register_buffer(name, value.detach().clone())
+        self.initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
+        for name, value in self.strategy_state._buffers.items():
+            self.initial_state.register_buffer(name, value.detach().clone())
 
     # -- fast weights -------------------------------------------------------------------------
     def _initial_weights(self) -> dict[str, Tensor]:
@@ -138,7 +138,7 @@ class NeuralMemory(nn.Module):
     @property
     def state(self) -> StrategyState:
         """The strategy's state tensors (read ``memory.state[name]``, assign to replace)."""
-        return StrategyState(self._state)
+        return StrategyState(self.strategy_state)
 
     def register_state(self, name: str, value: Tensor, per_slot: bool = False,
                        learnable: bool = False) -> None:
@@ -146,9 +146,9 @@ class NeuralMemory(nn.Module):
         weights) and are rolled back per slot; ``learnable`` ones are trained by the outer
         optimiser (and never assigned by the strategy)."""
         if learnable:
-            self._state.register_parameter(name, nn.Parameter(value))
+            self.strategy_state.register_parameter(name, nn.Parameter(value))
         else:
-            self._state.register_buffer(name, value)
+            self.strategy_state.register_buffer(name, value)
         if per_slot:
             self._per_slot.add(name)
 
@@ -197,7 +197,7 @@ class NeuralMemory(nn.Module):
             if new is old:
                 continue
             keep = _expand(ok, new) if name in self._per_slot else all_ok
-            setattr(self._state, name, torch.where(keep, new, old))
+            setattr(self.strategy_state, name, torch.where(keep, new, old))
 
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
         skipped = ~ok
@@ -238,8 +238,8 @@ class NeuralMemory(nn.Module):
     def reset(self) -> None:
         """Restore the initial fast weights and strategy state (shared, one slot)."""
         self.fast_weights = self.initial_weights.clone()
-        for name, value in self._initial_state._buffers.items():
-            setattr(self._state, name, value.clone())
+        for name, value in self.initial_state._buffers.items():
+            setattr(self.strategy_state, name, value.clone())
         self.history.clear()
 
     def extra_repr(self) -> str:
