@@ -108,17 +108,19 @@ class NeuralMemory(nn.Module):
     @property
     def weights(self) -> dict[str, Tensor]:
         """The current fast weights, ``{name: (S, ...)}`` (views of ``fast_weights``)."""
-        return self._unflatten(self.fast_weights)
+        return self.unflatten(self.fast_weights)
 
     def set_weights(self, weights: Mapping[str, Tensor]) -> None:
-        self.fast_weights = self._flatten(weights)
+        self.fast_weights = self.flatten(weights)
 
-    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """(S, n_weights) -> ``{name: (S, ...)}`` views, in ``weight_names`` order."""
         parts = flat.split(self._sizes, dim=1)
         return {n: p.view(flat.shape[0], *shape)
                 for n, p, shape in zip(self.weight_names, parts, self._shapes)}
 
-    def _flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
+    def flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
+        """``{name: (S, ...)}`` -> one (S, n_weights) tensor (a rule can then work on it whole)."""
         return torch.cat([weights[n].reshape(weights[n].shape[0], -1)
                           for n in self.weight_names], dim=1)  # (S, n_weights)
 
@@ -170,7 +172,7 @@ class NeuralMemory(nn.Module):
         old, old_state = self.fast_weights, dict(self.state.items())
         surprise, grads = self._surprise_and_grads(x.detach(), old)
         self._gate = None
-        new = self._flatten(self.strategy.apply_update(self, self._unflatten(grads), surprise))
+        new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok = torch.isfinite(surprise).reshape(self.n_slots, -1).all(1)
         ok &= torch.isfinite(grads).all(1) & torch.isfinite(new).all(1)  # (S,)
         self.fast_weights = torch.where(ok[:, None], new, old)

@@ -22,6 +22,7 @@ from .encoder import EncoderLayer
 from .memory import NeuralMemory
 
 SCOPES = ("shared", "per_sequence")
+ORDERS = ("reference", "causal")
 
 
 class MACLayer(nn.Module):
@@ -40,14 +41,33 @@ class MACLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, C, d = x.shape  # (N, C, d)
-        S = self.memory.n_slots
-        q = F.silu(F.normalize(self.query(x), dim=-1))  # (N, C, d)
-        h = self.memory.retrieve(q.reshape(S, -1, d)).reshape(N, C, d)  # (N, C, d)
-        ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
-        y = self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
-        y = y.reshape(S, -1, d)  # (S, N*C/S, d)
+        y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
         self.memory.update(y)
-        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # (S, N*C/S, d), M'
+        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # (S, N*C/S, d), with M'
+        return (y * torch.sigmoid(z)).reshape(N, C, d)
+
+    def attend(self, x: Tensor) -> Tensor:
+        """Steps 1-4: retrieve with the current memory, attend, project -> y (N, C*d)."""
+        N, C, d = x.shape
+        q = F.silu(F.normalize(self.query(x), dim=-1))  # (N, C, d)
+        h = self.memory.retrieve(q.reshape(self.memory.n_slots, -1, d)).reshape(N, C, d)
+        ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
+        return self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
+
+
+class CausalMACLayer(MACLayer):
+    """MAC block that gates with the memory *before* storing the group (retrieve, then store).
+
+    In the reference order the gate of step 6 uses M', which has already seen every window of
+    the group, so a prediction at t can depend on inputs up to t + C - 1 of its own group.
+    Gating with M first makes every prediction depend on inputs up to t only.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        N, C, d = x.shape  # (N, C, d)
+        y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
+        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # with M, before storing
+        self.memory.update(y)
         return (y * torch.sigmoid(z)).reshape(N, C, d)
 
 
@@ -56,23 +76,29 @@ class MACTitan(nn.Module):
 
     ``forward(inputs)`` maps (B, T, input_dim) to predictions (B, T, output_dim) for the target at
     t+1, and a (T,) mask that is False where no full window exists (t < C-1).
+
+    ``mac_order="reference"`` is the published model (causal per window group: the gate uses the
+    memory after storing the group); ``"causal"`` gates before storing (causal per step).
     """
 
     def __init__(self, input_dim: int = 1, output_dim: int = 1, context_window: int = 16,
                  hidden_dim: int = 16, pm_len: int = 4, num_layers: int = 2,
                  memory_layers: int = 2, memory_hidden: int = 32,
                  strategy: Any = "titans_default", strategy_options: dict | None = None,
-                 memory_scope: str = "shared", nhead: int = 2, dim_feedforward: int = 2048,
-                 dropout: float = 0.1):
+                 memory_scope: str = "shared", mac_order: str = "reference", nhead: int = 2,
+                 dim_feedforward: int = 2048, dropout: float = 0.1):
         super().__init__()
         if memory_scope not in SCOPES:
             raise ValueError(f"memory_scope must be one of {SCOPES}, got {memory_scope!r}")
+        if mac_order not in ORDERS:
+            raise ValueError(f"mac_order must be one of {ORDERS}, got {mac_order!r}")
         if context_window < 1:
             raise ValueError(f"context_window must be >= 1, got {context_window}")
         self.C, self.memory_scope = context_window, memory_scope
         self.emb = nn.Linear(input_dim, hidden_dim)
+        layer_class = MACLayer if mac_order == "reference" else CausalMACLayer
         self.layers = nn.ModuleList(
-            MACLayer(hidden_dim, context_window, pm_len,
+            layer_class(hidden_dim, context_window, pm_len,
                      NeuralMemory(hidden_dim, memory_hidden, memory_layers, strategy,
                                   strategy_options),
                      nhead, dim_feedforward, dropout)
@@ -88,6 +114,8 @@ class MACTitan(nn.Module):
         C = self.C
         if T < C:
             raise ValueError(f"sequences of {T} steps are shorter than the context window {C}")
+        for memory in self.memories:
+            memory.history.clear()  # statistics describe the latest forward only
         windows = self.emb(inputs).unfold(1, C, 1).transpose(2, 3)  # (B, T-C+1, C, d)
         preds = [self.forward_group(windows[:, g:g + C]) for g in range(0, T - C + 1, C)]
         preds = torch.cat(preds, dim=1)  # (B, T-C+1, out)

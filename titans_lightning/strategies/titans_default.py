@@ -21,8 +21,8 @@ DEFAULTS = {"alpha": 0.999, "eta": 0.9, "theta": 0.01}
 def init_memory_state(memory, emb_dim):
     for name in ("key_proj", "value_proj"):
         memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
-    for name, w in memory.zeros_like_weights().items():
-        memory.register_state(f"momentum_{name}", w, per_slot=True)
+    # one momentum entry per fast weight, kept flat like memory.fast_weights (S, n_weights)
+    memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
 
 
 def compute_keys_values(memory, x):
@@ -36,10 +36,7 @@ def compute_surprise(memory, keys, values):
 
 
 def apply_update(memory, grads, surprise):
-    opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
-    new = {}
-    for name, w in memory.weights.items():
-        momentum = opt["eta"] * memory.state[f"momentum_{name}"] - opt["theta"] * grads[name]
-        memory.state[f"momentum_{name}"] = momentum
-        new[name] = opt["alpha"] * w + momentum
-    return new
+    alpha, eta, theta = (memory.options.get(k, v) for k, v in DEFAULTS.items())
+    momentum = eta * memory.state["momentum"] - theta * memory.flatten(grads)  # Eq. 13
+    memory.state["momentum"] = momentum
+    return memory.unflatten(alpha * memory.fast_weights + momentum)  # Eq. 14

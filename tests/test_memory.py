@@ -1,0 +1,148 @@
+"""The memory harness: safety, state ownership, statistics."""
+import types
+import warnings
+
+import pytest
+import torch
+
+from titans_lightning import NeuralMemory, StrategyError
+from titans_lightning.strategies import titans_default
+
+
+def strategy_module(**overrides):
+    """A copy of the default rule with some functions replaced."""
+    funcs = {name: getattr(titans_default, name) for name in
+             ("init_memory_state", "compute_keys_values", "compute_surprise", "apply_update")}
+    funcs.update(overrides)
+    return types.SimpleNamespace(__name__="test_rule", **funcs)
+
+
+def nan_update(memory, grads, surprise):
+    new = titans_default.apply_update(memory, grads, surprise)
+    return {n: w * float("nan") for n, w in new.items()}
+
+
+def test_nan_update_is_skipped_counted_and_warned_once():
+    torch.manual_seed(0)
+    memory = NeuralMemory(strategy=strategy_module(apply_update=nan_update))
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    for _ in range(3):
+        memory.update(torch.randn(1, 8, 16))
+    after = memory.state_dict()
+    for name in ("fast_weights", "strategy_state.momentum"):
+        assert torch.equal(after[name], before[name]), name
+    assert int(memory.skipped_updates) == 3 and int(memory.num_updates) == 3
+    stats = memory.pop_history()
+    assert stats["skipped"].tolist() == [[1.0]] * 3
+    assert stats["gate_rate"].tolist() == [[0.0]] * 3
+    with pytest.warns(RuntimeWarning, match="3 memory update"):
+        memory.warn_if_skipped()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.update(torch.randn(1, 8, 16))
+        assert memory.warn_if_skipped() == 4  # counted, not warned again
+
+
+def test_non_finite_input_leaves_memory_untouched():
+    memory = NeuralMemory()
+    before = memory.fast_weights.clone()
+    x = torch.randn(1, 8, 16)
+    x[0, 3, 5] = float("inf")
+    memory.update(x)
+    assert torch.equal(memory.fast_weights, before)
+    assert int(memory.skipped_updates) == 1
+
+
+def test_rollback_is_per_slot():
+    torch.manual_seed(0)
+    memory = NeuralMemory()
+    memory.fast_weights = memory.fast_weights.expand(3, -1).clone()
+    memory.state["momentum"] = memory.state["momentum"].expand(3, -1).clone()
+    before = memory.fast_weights.clone()
+    x = torch.randn(3, 8, 16)
+    x[1, 0, 0] = float("nan")
+    memory.update(x)
+    changed = (memory.fast_weights != before).any(dim=1)
+    assert changed.tolist() == [True, False, True]
+    assert torch.equal(memory.state["momentum"][1], torch.zeros_like(before[1]))
+    assert int(memory.skipped_updates) == 1
+
+
+def test_missing_function_is_rejected_with_its_name():
+    rule = strategy_module()
+    del rule.apply_update
+    with pytest.raises(StrategyError, match=r"no function `apply_update`.*apply_update\(memory, grads, surprise\)"):
+        NeuralMemory(strategy=rule)
+
+
+def test_wrong_signature_is_rejected_with_expected_signature():
+    rule = strategy_module(compute_surprise=lambda memory, keys: keys.sum())
+    with pytest.raises(StrategyError, match=r"compute_surprise.*expected compute_surprise\(memory, keys, values\)"):
+        NeuralMemory(strategy=rule)
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    torch.manual_seed(0)
+    memory = NeuralMemory()
+    for _ in range(3):
+        memory.update(torch.randn(1, 32, 16))
+    copy = NeuralMemory()  # different random K, V and initial weights
+    copy.load_state_dict(memory.state_dict())
+    for name, value in memory.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], value), name
+    x = torch.randn(1, 32, 16)
+    assert torch.equal(memory.update(x), copy.update(x))
+    assert torch.equal(memory.fast_weights, copy.fast_weights)
+
+
+def test_reset_restores_initial_weights_and_state_even_after_loading():
+    memory = NeuralMemory()
+    other = NeuralMemory()
+    other.load_state_dict(memory.state_dict())
+    for _ in range(2):
+        other.update(torch.randn(1, 8, 16))
+    other.reset()
+    for name, value in memory.state_dict().items():
+        assert torch.equal(other.state_dict()[name][...], value) or "updates" in name, name
+
+
+def test_statistics_match_the_update():
+    torch.manual_seed(0)
+    memory = NeuralMemory()
+    old = memory.fast_weights.clone()
+    surprise = memory.update(torch.randn(1, 16, 16))
+    stats = memory.pop_history()
+    assert set(stats) == {"surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate",
+                          "skipped"}
+    assert torch.equal(stats["surprise"][0], surprise)
+    torch.testing.assert_close(stats["update_norm"][0], (memory.fast_weights - old).norm(dim=1))
+    torch.testing.assert_close(stats["weight_norm"][0], memory.fast_weights.norm(dim=1))
+    # the default rule's first step is alpha * w - theta * g, so |g| follows from the update
+    grad = (memory.fast_weights - 0.999 * old) / -0.01
+    torch.testing.assert_close(stats["grad_norm"][0], grad.norm(dim=1), rtol=1e-4, atol=1e-6)
+    assert stats["gate_rate"].item() == 1.0 and stats["skipped"].item() == 0.0
+    assert memory.pop_history() == {}
+
+
+def test_update_refuses_inference_mode_with_advice():
+    memory = NeuralMemory()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
+        memory.update(torch.randn(1, 4, 16))
+
+
+def test_update_works_under_no_grad_and_keeps_no_graph():
+    memory = NeuralMemory()
+    with torch.no_grad():
+        memory.update(torch.randn(1, 4, 16, requires_grad=True))
+    assert not memory.fast_weights.requires_grad and memory.fast_weights.grad_fn is None
+
+
+def test_one_layer_memory():
+    memory = NeuralMemory(num_layers=1)
+    assert memory.weight_names == ("w", "b")
+    x = torch.randn(1, 8, 16)
+    assert memory.retrieve(x).shape == (1, 8, 16)
+    first = memory.update(x)
+    for _ in range(5):
+        last = memory.update(x)
+    assert last < first

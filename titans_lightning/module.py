@@ -1,0 +1,216 @@
+"""TitansForecaster: the LightningModule around :class:`~titans_lightning.model.MACTitan`.
+
+Thin on purpose: the model maths lives in ``model.py`` and ``memory.py``. This module scores
+forecasts, logs them, and keeps a run exactly resumable.
+
+Shape legend
+    B  sequences in the batch     T  time steps per sequence     O  output channels (1)
+    n  scored positions per sequence (t >= C-1 with t+1 < T)
+
+The prediction made at step t forecasts the target at t+1. Positions t < C-1 have no full
+context window and carry neither loss nor metric. The neural memory keeps learning in every
+stage (training, validation, test, predict): that is the point of test-time memory, so the
+Trainer must run with ``inference_mode=False`` (the ``titans`` CLI's default).
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+
+from .model import MACTitan
+
+EVAL_PROTOCOLS = ("default", "reference")
+
+INFERENCE_MODE_ERROR = (
+    "the neural memory learns during validation, test and predict and needs autograd, which "
+    "inference mode disables; run the Trainer with inference_mode=False (the `titans` CLI's "
+    "default: drop --trainer.inference_mode true)"
+)
+
+
+def scored_pairs(preds: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Predictions made at t and the targets at t+1 they forecast, for valid t with t+1 < T.
+
+    ``preds`` (B, T, O), ``targets`` (B, T, O), ``valid`` (T,) bool -> two (B, n, O) tensors.
+    """
+    keep = valid[:-1]  # (T-1,): the prediction made at the last step has no target
+    return preds[:, :-1][:, keep], targets[:, 1:][:, keep]
+
+
+def forecast_loss(preds: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """MSE between the prediction at t and the target at t+1, over scored positions only."""
+    return F.mse_loss(*scored_pairs(preds, targets, valid))
+
+
+class TitansForecaster(L.LightningModule):
+    """Next-step forecasting with a MAC Titans model whose neural memory learns at test time.
+
+    Args:
+        strategy: memory strategy: a built-in name, a dotted module or a ``path/to/file.py``.
+        strategy_options: hyperparameters the strategy reads (e.g. ``{"theta": 0.01}``).
+        memory_scope: ``shared`` (one memory for the whole batch) or ``per_sequence``.
+        input_dim: channels read per step (linked from the datamodule by the CLI).
+        output_dim: channels predicted per step (linked from the datamodule by the CLI).
+        context_window: C, steps in one window (the CLI passes it on to the datamodule).
+        hidden_dim: embedding width d.
+        pm_len: persistent-memory tokens P per MAC layer.
+        num_layers: MAC layers.
+        memory_layers: layers of the memory MLP (1 or 2).
+        memory_hidden: hidden width of the two-layer memory MLP.
+        nhead: attention heads.
+        dim_feedforward: feed-forward width of the attention layer.
+        dropout: dropout of the attention layer.
+        lr: Adam learning rate for the outer parameters (never the fast weights).
+        eval_protocol: ``default`` evaluates in eval mode; ``reference`` keeps dropout on
+            during validation and test, as the published reference did (fidelity checks only).
+    """
+
+    def __init__(self, strategy: str = "titans_default", strategy_options: dict | None = None,
+                 memory_scope: str = "shared", input_dim: int = 1, output_dim: int = 1,
+                 context_window: int = 16, hidden_dim: int = 16, pm_len: int = 4,
+                 num_layers: int = 2, memory_layers: int = 2, memory_hidden: int = 32,
+                 nhead: int = 2, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 lr: float = 1e-3, eval_protocol: str = "default"):
+        super().__init__()
+        if eval_protocol not in EVAL_PROTOCOLS:
+            raise ValueError(f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
+        self.save_hyperparameters()
+        self.model = MACTitan(
+            input_dim=input_dim, output_dim=output_dim, context_window=context_window,
+            hidden_dim=hidden_dim, pm_len=pm_len, num_layers=num_layers,
+            memory_layers=memory_layers, memory_hidden=memory_hidden, strategy=strategy,
+            strategy_options=strategy_options, memory_scope=memory_scope, nhead=nhead,
+            dim_feedforward=dim_feedforward, dropout=dropout)
+        self.metrics = nn.ModuleDict({
+            split: MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()},
+                                    prefix=f"{split}/")
+            for split in ("val", "test")})
+        # Per memory layer, {stat: (U, S)} for the updates of the latest batch; read by callbacks
+        # in their on_*_batch_end hooks (which Lightning calls before the module's own).
+        self.memory_stats: list[dict[str, Tensor]] = []
+        self._memory_before_sanity_check: dict[str, Tensor] | None = None
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model(inputs)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Run the model (its memory learns as it goes); return the scored (preds, targets)."""
+        preds, valid = self.model(batch["inputs"])  # (B, T, O), (T,)
+        self.collect_memory_stats()
+        return scored_pairs(preds, batch["targets"], valid)  # (B, n, O) each
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        preds, targets = self.shared_step(batch)
+        loss = F.mse_loss(preds, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=preds.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluate("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.evaluate("test", batch)
+
+    def evaluate(self, split: str, batch: dict[str, Tensor]) -> None:
+        preds, targets = self.shared_step(batch)
+        metrics = self.metrics[split]
+        metrics.update(preds, targets)
+        self.log_dict(metrics, on_epoch=True, prog_bar=split == "val", batch_size=preds.shape[0])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Raw outputs: ``preds[:, t]`` forecasts ``targets[:, t+1]``; ``valid`` (T,) marks t."""
+        preds, valid = self.model(batch["inputs"])
+        self.collect_memory_stats()
+        return {"index": batch["index"], "preds": preds, "targets": batch["targets"],
+                "valid": valid}
+
+    def collect_memory_stats(self) -> None:
+        self.memory_stats = [memory.pop_history() for memory in self.model.memories]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for memory in self.model.memories:
+            memory.warn_if_skipped()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Fast weights, K and V are buffers, so self.parameters() never includes them.
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        loops = (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop)
+        if any(loop.inference_mode for loop in loops):
+            raise RuntimeError(INFERENCE_MODE_ERROR)
+
+    def on_validation_model_eval(self) -> None:
+        self.set_evaluation_mode()
+
+    def on_test_model_eval(self) -> None:
+        self.set_evaluation_mode()
+
+    def set_evaluation_mode(self) -> None:
+        # The reference never switched to eval mode, so its dropout stayed on while scoring.
+        self.trainer.model.train(self.hparams.eval_protocol == "reference")
+
+    def on_validation_start(self) -> None:
+        # Lightning's sanity check is not part of the protocol: it must leave the memory as it was.
+        if self.trainer.sanity_checking:
+            self._memory_before_sanity_check = {
+                name: buffer.clone() for name, buffer in self.model.named_buffers()}
+
+    def on_validation_end(self) -> None:
+        if self._memory_before_sanity_check is not None:
+            restore_buffers(self.model, self._memory_before_sanity_check)
+            self._memory_before_sanity_check = None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    # The memory (fast weights, strategy state) is made of buffers, so it is in every state_dict.
+    # The random generators are saved too, so that a resumed fit continues exactly.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        resuming_fit = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
+        if resuming_fit and "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+
+def restore_buffers(module: nn.Module, buffers: dict[str, Tensor]) -> None:
+    """Put back buffers saved by name (assignment, so a buffer may have changed shape since)."""
+    for name, value in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, value)
+    for memory in getattr(module, "memories", []):
+        memory.history.clear()
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), NumPy and Python generator states, as weights-only-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+    numpy = states["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

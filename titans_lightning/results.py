@@ -1,0 +1,114 @@
+"""What a run leaves in its log directory besides checkpoints and TensorBoard events.
+
+``result.json`` (written after ``titans fit``): one record per run, easy to collect into a table::
+
+    config      the full parsed configuration (dict)
+    commit      ``git rev-parse HEAD`` of the package's checkout, or null
+    seed        the seed the run was started with
+    wall_s      seconds from the start of fit to the end of the test
+    best_epoch  epoch of the tested checkpoint (the best validation MSE), or null
+    val_mse     best validation MSE, or null when checkpoints did not monitor ``val/mse``
+    test_mse, test_mae   scores of that checkpoint on the test split
+    strategy, memory_scope, device
+
+``predictions.csv`` (written by ``titans predict``): one row per sequence and target position,
+columns ``sequence, position, prediction, target, valid``. ``position`` p is the time step of the
+target; its prediction was made from the inputs up to p-1, and ``valid`` says whether that step
+had a full context window (an invalid row has no prediction).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "predictions.csv"
+PREDICTION_COLUMNS = ("sequence", "position", "prediction", "target", "valid")
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(trainer: L.Trainer) -> str:
+    """The device the run used, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3) x2``."""
+    device = trainer.strategy.root_device
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    if trainer.world_size > 1:
+        name += f" x{trainer.world_size}"
+    return name
+
+
+def write_result(log_dir: str | Path, result: dict[str, Any]) -> Path:
+    path = Path(log_dir) / RESULT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
+def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
+    """One predict batch as rows: target positions 1..T-1 of every sequence."""
+    preds = output["preds"].detach().float().cpu().numpy()[..., 0]  # (B, T)
+    targets = output["targets"].detach().float().cpu().numpy()[..., 0]  # (B, T)
+    valid = output["valid"].cpu().numpy()[:-1]  # (T-1,), for the step each forecast was made at
+    index = output["index"].cpu().numpy()  # (B,)
+    B, T = preds.shape
+    forecast = np.where(valid, preds[:, :-1], np.nan)  # (B, T-1)
+    return pd.DataFrame({
+        "sequence": np.repeat(index, T - 1),
+        "position": np.tile(np.arange(1, T), B),
+        "prediction": forecast.reshape(-1),
+        "target": targets[:, 1:].reshape(-1),
+        "valid": np.tile(valid, B),
+    })
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predictions.csv`` (see the module docstring) into the trainer's log directory.
+
+    The ``titans predict`` command adds one when the config has none.
+
+    Args:
+        output_dir: where to write; default the trainer's ``log_dir``.
+    """
+
+    def __init__(self, output_dir: str | None = None):
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.frames: list[pd.DataFrame] = []
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.frames = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        self.frames.append(prediction_rows(prediction))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = Path(self.output_dir or trainer.log_dir or ".")
+        name = PREDICTIONS_FILE
+        if trainer.world_size > 1:  # each rank predicts its own share of the sequences
+            name = f"predictions_rank{trainer.global_rank}.csv"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / name
+        frames = self.frames or [pd.DataFrame(columns=list(PREDICTION_COLUMNS))]
+        pd.concat(frames, ignore_index=True).to_csv(self.path, index=False)
+        self.frames = []

@@ -1,0 +1,95 @@
+"""Surprise-gated Adam: the memory takes an Adam step only on chunks that surprise it.
+
+Keys, values and the surprise are the default rule's (see ``titans_default``):
+
+    keys = l2normalize(silu(K z))      values = silu(V z)
+    s    = sum_features mean_rows (M(keys) - values)^2            (one per slot)
+
+The gate compares s with exponential running statistics of the earlier surprises of the slot
+(mean mu, variance var, decay ``gamma``), computed *before* s joins them:
+
+    open = (n < warmup)  or  (s > mu + k * sqrt(var))             n = surprises seen so far
+    mu  <- mu + (1 - gamma) * (s - mu)                            (always, open or not;
+    var <- gamma * (var + (1 - gamma) * (s - mu_old)^2)            the first s sets mu = s, var = 0)
+
+When the gate is open, a bias-corrected Adam step with retention (t counts the open steps):
+
+    t <- t + 1
+    m <- beta1 * m + (1 - beta1) * g          v <- beta2 * v + (1 - beta2) * g^2
+    w <- alpha * w - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+When it is closed nothing but the running statistics changes: no step, no retention (a closed
+gate means "this chunk taught nothing new", so it should not cost the memory anything either),
+moments and t untouched. The first ``warmup`` updates are always open, while mu and var are
+still estimates from a handful of chunks. The gate is reported per slot with
+``memory.report_gate``; everything is computed with ``torch.where`` (no host synchronisation).
+
+Options (``strategy_options``): ``lr`` (1e-3), ``beta1`` (0.9), ``beta2`` (0.999), ``eps``
+(1e-8), ``alpha`` retention (0.999, as the default rule), ``k`` threshold in running standard
+deviations (0.5), ``gamma`` decay of the running statistics (0.9, about the last ten chunks),
+``warmup`` updates always open (5).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "alpha": 0.999,
+            "k": 0.5, "gamma": 0.9, "warmup": 5}
+
+
+def init_memory_state(memory, emb_dim):
+    for name in ("key_proj", "value_proj"):
+        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
+    for name, w in memory.zeros_like_weights().items():
+        memory.register_state(f"exp_avg_{name}", w, per_slot=True)
+        memory.register_state(f"exp_avg_sq_{name}", w.clone(), per_slot=True)
+    slots = memory.n_slots
+    memory.register_state("step", torch.zeros(slots), per_slot=True)  # open steps taken, t
+    memory.register_state("seen", torch.zeros(slots), per_slot=True)  # surprises observed, n
+    memory.register_state("surprise_mean", torch.zeros(slots), per_slot=True)
+    memory.register_state("surprise_var", torch.zeros(slots), per_slot=True)
+
+
+def compute_keys_values(memory, x):
+    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
+    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
+    return keys, values
+
+
+def compute_surprise(memory, keys, values):
+    return (memory.retrieve(keys) - values).pow(2).mean(1).sum(-1)  # (S,)
+
+
+def apply_update(memory, grads, surprise):
+    opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
+    gate = _gate_and_track(memory, surprise, opt)  # (S,) bool
+    memory.report_gate(gate.float())
+    step = memory.state["step"] + gate.float()  # (S,)
+    memory.state["step"] = step
+    t = step.clamp(min=1.0)  # a never-opened slot has t = 0; its (unused) correction stays finite
+    new = {}
+    for name, w in memory.weights.items():
+        shape = (-1, *([1] * (w.dim() - 1)))  # (S,) -> (S, 1, ...)
+        open_, g = gate.view(shape), grads[name]
+        m_old, v_old = memory.state[f"exp_avg_{name}"], memory.state[f"exp_avg_sq_{name}"]
+        m = torch.where(open_, opt["beta1"] * m_old + (1 - opt["beta1"]) * g, m_old)
+        v = torch.where(open_, opt["beta2"] * v_old + (1 - opt["beta2"]) * g * g, v_old)
+        memory.state[f"exp_avg_{name}"], memory.state[f"exp_avg_sq_{name}"] = m, v
+        m_hat = m / (1 - opt["beta1"] ** t).view(shape)
+        v_hat = v / (1 - opt["beta2"] ** t).view(shape)
+        stepped = opt["alpha"] * w - opt["lr"] * m_hat / (v_hat.sqrt() + opt["eps"])
+        new[name] = torch.where(open_, stepped, w)
+    return new
+
+
+def _gate_and_track(memory, surprise, opt):
+    """Decide the gate from the statistics of earlier surprises, then fold ``surprise`` in."""
+    seen, mean, var = (memory.state[n] for n in ("seen", "surprise_mean", "surprise_var"))
+    gate = (seen < opt["warmup"]) | (surprise > mean + opt["k"] * var.sqrt())  # (S,)
+    delta = surprise - mean
+    first = seen == 0
+    memory.state["surprise_mean"] = torch.where(first, surprise, mean + (1 - opt["gamma"]) * delta)
+    memory.state["surprise_var"] = torch.where(
+        first, torch.zeros_like(var), opt["gamma"] * (var + (1 - opt["gamma"]) * delta * delta))
+    memory.state["seen"] = seen + 1
+    return gate
