@@ -146,3 +146,39 @@ def test_one_layer_memory():
     for _ in range(5):
         last = memory.update(x)
     assert last < first
+
+
+def test_checkpoint_with_another_slot_count_loads():
+    memory = NeuralMemory()
+    memory.start_sequences(3)
+    memory.update(torch.randn(3, 8, 16))
+    fresh = NeuralMemory()
+    fresh.load_state_dict(memory.state_dict())
+    assert torch.equal(fresh.fast_weights, memory.fast_weights)
+    assert torch.equal(fresh.state["momentum"], memory.state["momentum"])
+
+
+def test_differentiable_rule_passes_outer_gradients_to_learnable_state():
+    step = torch.nn.Parameter(torch.tensor(0.1))
+
+    def init(memory, emb_dim):
+        titans_default.init_memory_state(memory, emb_dim)
+        memory.register_state("step", step.data.clone(), learnable=True)
+        memory.learn_initial_weights()
+
+    def update(memory, grads, surprise):
+        return memory.unflatten(memory.fast_weights - memory.state["step"] * memory.flatten(grads))
+
+    rule = strategy_module(init_memory_state=init, apply_update=update)
+    rule.DIFFERENTIABLE = True
+    memory = NeuralMemory(strategy=rule)
+    memory.start_sequences(2)
+    x = torch.randn(2, 8, 16)
+    memory.update(x)
+    out = memory.retrieve(torch.randn(2, 4, 16)).pow(2).sum()
+    out.backward()
+    assert memory.state["step"].grad is not None and memory.state["step"].grad != 0
+    assert memory.initial_weights.grad is not None and memory.initial_weights.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation keeps no graph
+        memory.update(x)
+    assert memory.fast_weights.grad_fn is None

@@ -151,3 +151,28 @@ def test_bad_arguments_are_rejected():
         MACTitan(mac_order="sideways")
     with pytest.raises(ValueError, match="shorter than the context window 16"):
         MACTitan(dim_feedforward=8)(torch.randn(1, 10, 1))
+
+
+def test_per_sequence_memory_ignores_the_other_sequences():
+    model = small_model(memory_scope="per_sequence")
+    x = torch.randn(3, T, 1, dtype=torch.double)
+    with torch.no_grad():
+        together, _ = model(x)
+        slots = model.memories[1].fast_weights.clone()
+        other = x.clone()
+        other[[0, 2]] = torch.randn_like(other[[0, 2]])
+        swapped, _ = model(other)
+        alone, _ = model(x[1:2])
+    torch.testing.assert_close(swapped[1], together[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(alone[0], together[1], rtol=1e-10, atol=1e-12)
+    assert slots.shape[0] == 3 and not torch.equal(slots[0], slots[1])
+    torch.testing.assert_close(model.memories[1].fast_weights[0], slots[1], rtol=1e-10, atol=1e-12)
+
+
+def test_per_sequence_memory_starts_every_batch_from_the_initial_weights():
+    model = small_model(memory_scope="per_sequence")
+    x = torch.randn(2, T, 1, dtype=torch.double)
+    with torch.no_grad():
+        first, _ = model(x)
+        second, _ = model(x)
+    assert torch.equal(first, second)

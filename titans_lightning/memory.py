@@ -11,6 +11,16 @@ them. *How* they learn is delegated to a memory strategy (see :mod:`titans_light
 this module is the harness around the four strategy functions: it takes the gradient of the
 surprise, applies the strategy's new weights only where everything is finite, and records
 per-update statistics as device tensors (no host synchronisation per update).
+
+Scopes: the *shared* memory has one slot that persists across chunks, batches and epochs.
+*Per-sequence* memory calls :meth:`NeuralMemory.start_sequences` at the start of every batch:
+each sequence gets its own slot, started from ``initial_weights`` and the initial strategy state,
+so the only thing that persists between batches is that starting point (learned by the outer
+optimiser when the strategy makes it learnable).
+
+A strategy that sets ``DIFFERENTIABLE = True`` keeps the autograd graph through its updates
+while the outer model trains (``create_graph``), so the outer optimiser can learn its learnable
+state (step sizes, projections, the starting weights) through the memory's test-time learning.
 """
 from __future__ import annotations
 
@@ -75,6 +85,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
         self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
         self.strategy = load_strategy(strategy)
+        self.differentiable = bool(getattr(self.strategy, "DIFFERENTIABLE", False))
+        self.reduce = None  # optional hook combining (surprise, grads) across processes
         self.options: dict[str, Any] = dict(options or {})
         self.strategy_state = nn.Module()
         self._per_slot: set[str] = set()
@@ -128,6 +140,23 @@ class NeuralMemory(nn.Module):
     def n_slots(self) -> int:
         return self.fast_weights.shape[0]
 
+    def learn_initial_weights(self) -> None:
+        """Let the outer optimiser train the starting weights (per-sequence scope)."""
+        self.initial_weights = nn.Parameter(self.initial_weights.detach().clone())
+
+    def start_sequences(self, n: int) -> None:
+        """Per-sequence scope: one slot per sequence, each from the initial weights and state."""
+        self.fast_weights = self.initial_weights.expand(n, -1).clone()  # (n, n_weights)
+        for name in self._per_slot:
+            start = getattr(self.initial_state, name)
+            setattr(self.strategy_state, name, start.expand(n, *start.shape[1:]).clone())
+
+    def detach_(self) -> None:
+        """Cut the autograd history of the weights and state (between outer steps)."""
+        self.fast_weights = self.fast_weights.detach()
+        for name, value in self.strategy_state._buffers.items():
+            setattr(self.strategy_state, name, value.detach())
+
     def retrieve(self, q: Tensor) -> Tensor:
         """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d)."""
         w = self.weights
@@ -171,6 +200,8 @@ class NeuralMemory(nn.Module):
             )
         old, old_state = self.fast_weights, dict(self.state.items())
         surprise, grads = self._surprise_and_grads(x.detach(), old)
+        if self.reduce is not None:
+            surprise, grads = self.reduce(surprise, grads, x.shape[1])
         self._gate = None
         new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok = torch.isfinite(surprise).reshape(self.n_slots, -1).all(1)
@@ -181,16 +212,19 @@ class NeuralMemory(nn.Module):
         return surprise
 
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+        keep_graph = self.differentiable and torch.is_grad_enabled()
         with torch.enable_grad():
             keys, values = self.strategy.compute_keys_values(self, x)
-            leaf = old.detach().requires_grad_(True)
+            leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
             self.fast_weights = leaf
             try:
                 surprise = self.strategy.compute_surprise(self, keys, values)
-                (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True)
+                (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
+                                               create_graph=keep_graph)
             finally:
                 self.fast_weights = old
-        return surprise.detach(), torch.zeros_like(old) if grads is None else grads
+        grads = torch.zeros_like(old) if grads is None else grads
+        return (surprise, grads) if keep_graph else (surprise.detach(), grads)
 
     def _commit_state(self, old_state: dict[str, Tensor], ok: Tensor) -> None:
         all_ok = ok.all()
@@ -207,14 +241,15 @@ class NeuralMemory(nn.Module):
         self.skipped_updates += skipped.sum()
         gate = self._gate if self._gate is not None else surprise.new_ones(())
         new = self.fast_weights
-        self.history.append({
-            "surprise": surprise,
-            "grad_norm": grads.norm(dim=1),
-            "update_norm": (new - old).norm(dim=1),
-            "weight_norm": new.norm(dim=1),
-            "gate_rate": gate.to(surprise.dtype).expand_as(surprise).masked_fill(skipped, 0.0),
-            "skipped": skipped.to(surprise.dtype),
-        })
+        with torch.no_grad():
+            self.history.append({
+                "surprise": surprise.detach(),
+                "grad_norm": grads.norm(dim=1),
+                "update_norm": (new - old).norm(dim=1),
+                "weight_norm": new.norm(dim=1),
+                "gate_rate": gate.to(surprise.dtype).expand_as(surprise).masked_fill(skipped, 0.0),
+                "skipped": skipped.to(surprise.dtype),
+            })
 
     # -- bookkeeping -------------------------------------------------------------------------
     def pop_history(self) -> dict[str, Tensor]:
@@ -239,10 +274,22 @@ class NeuralMemory(nn.Module):
     @torch.no_grad()
     def reset(self) -> None:
         """Restore the initial fast weights and strategy state (shared, one slot)."""
-        self.fast_weights = self.initial_weights.clone()
+        self.fast_weights = self.initial_weights.detach().clone()
         for name, value in self.initial_state._buffers.items():
             setattr(self.strategy_state, name, value.clone())
         self.history.clear()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept checkpoints whose slot count differs (per-sequence memory after a batch)."""
+        slotted = {"fast_weights": self}
+        slotted.update({f"strategy_state.{n}": self.strategy_state for n in self._per_slot})
+        for key, owner in slotted.items():
+            incoming = state_dict.get(prefix + key)
+            name = key.rsplit(".", 1)[-1]
+            current = getattr(owner, name)
+            if incoming is not None and incoming.shape[1:] == current.shape[1:]:
+                setattr(owner, name, current.new_empty(incoming.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         strategy = getattr(self.strategy, "__name__", type(self.strategy).__name__)

@@ -116,6 +116,9 @@ class MACTitan(nn.Module):
             raise ValueError(f"sequences of {T} steps are shorter than the context window {C}")
         for memory in self.memories:
             memory.history.clear()  # statistics describe the latest forward only
+            memory.detach_()  # a differentiable rule's graph never spans two forwards
+            if self.memory_scope == "per_sequence":
+                memory.start_sequences(B)
         windows = self.emb(inputs).unfold(1, C, 1).transpose(2, 3)  # (B, T-C+1, C, d)
         preds = [self.forward_group(windows[:, g:g + C]) for g in range(0, T - C + 1, C)]
         preds = torch.cat(preds, dim=1)  # (B, T-C+1, out)
