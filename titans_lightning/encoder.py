@@ -158,9 +158,6 @@ class EncoderLayer(nn.Module):
         attn = self.self_attn
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
         q, k, v = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (N, h, L, d/h) each
-        if not self.training or self.p == 0.0:
-            out = F.scaled_dot_product_attention(q, k, v)  # (N, h, L, d/h)
-            return attn.out_proj(out.transpose(1, 2).reshape(N, L, d))
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d // h))
         weights = dropout(torch.softmax(scores, dim=-1), self.p, self.training)  # (N, h, L, L)
         out = torch.matmul(weights, v).transpose(1, 2).reshape(N, L, d)  # (N, L, d)

@@ -161,9 +161,8 @@ class NeuralMemory(nn.Module):
         """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d)."""
         w = self.weights
         if self.num_layers == 1:
-            return torch.baddbmm(w["b"].unsqueeze(1), q, w["w"].transpose(1, 2))
-        h = F.silu(torch.baddbmm(w["b1"].unsqueeze(1), q, w["w1"].transpose(1, 2)))  # (S, R, h)
-        return torch.baddbmm(w["b2"].unsqueeze(1), h, w["w2"].transpose(1, 2))
+            return _linear(q, w["w"], w["b"])
+        return _linear(F.silu(_linear(q, w["w1"], w["b1"])), w["w2"], w["b2"])  # (S, R, d)
 
     # -- strategy state -----------------------------------------------------------------------
     @property
@@ -295,6 +294,13 @@ class NeuralMemory(nn.Module):
         strategy = getattr(self.strategy, "__name__", type(self.strategy).__name__)
         return (f"dim={self.dim}, hidden={self.hidden}, num_layers={self.num_layers}, "
                 f"strategy={strategy}, slots={self.n_slots}")
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Per-slot ``x @ w.T + b``: (S, R, i), (S, o, i), (S, o) -> (S, R, o)."""
+    if x.shape[0] == 1:  # one shared slot: a plain matrix product is cheaper
+        return torch.addmm(b[0], x[0], w[0].T).unsqueeze(0)
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:
