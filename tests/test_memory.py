@@ -182,3 +182,18 @@ def test_differentiable_rule_passes_outer_gradients_to_learnable_state():
     with torch.no_grad():  # evaluation keeps no graph
         memory.update(x)
     assert memory.fast_weights.grad_fn is None
+
+
+def test_memory_pickles_and_deep_copies_with_its_strategy():
+    import copy
+    import pickle
+
+    memory = NeuralMemory(strategy="titans_default")
+    memory.update(torch.randn(1, 8, 16))
+    clones = [copy.deepcopy(memory), pickle.loads(pickle.dumps(memory))]
+    x = torch.randn(1, 8, 16)
+    expected = memory.update(x)
+    for clone in clones:
+        assert clone.strategy is titans_default
+        assert torch.equal(clone.update(x), expected)
+        assert torch.equal(clone.fast_weights, memory.fast_weights)

@@ -25,6 +25,7 @@ state (step sizes, projections, the starting weights) through the memory's test-
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .strategy import load_strategy
+
+USER_MODULE_PREFIX = "titans_user_strategy_"  # how strategy.py names modules loaded from files
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
 
@@ -85,6 +88,7 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
         self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
         self.strategy = load_strategy(strategy)
+        self._strategy_spec = _portable_spec(strategy, self.strategy)
         self.differentiable = bool(getattr(self.strategy, "DIFFERENTIABLE", False))
         self.reduce = None  # optional hook combining (surprise, grads) across processes
         self.options: dict[str, Any] = dict(options or {})
@@ -278,6 +282,17 @@ class NeuralMemory(nn.Module):
             setattr(self.strategy_state, name, value.clone())
         self.history.clear()
 
+    def __getstate__(self):
+        """Pickle the strategy as its spec (modules do not pickle; spawned processes reload)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["strategy"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.strategy = load_strategy(self._strategy_spec, probe=False)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept checkpoints whose slot count differs (per-sequence memory after a batch)."""
         slotted = {"fast_weights": self}
@@ -294,6 +309,18 @@ class NeuralMemory(nn.Module):
         strategy = getattr(self.strategy, "__name__", type(self.strategy).__name__)
         return (f"dim={self.dim}, hidden={self.hidden}, num_layers={self.num_layers}, "
                 f"strategy={strategy}, slots={self.n_slots}")
+
+
+def _portable_spec(spec: Any, strategy: Any) -> Any:
+    """What to reload the strategy from in another process: its string, file or module name."""
+    if isinstance(spec, str):
+        return spec
+    name = getattr(strategy, "__name__", "")
+    if isinstance(strategy, ModuleType):
+        if name.startswith(USER_MODULE_PREFIX) and getattr(strategy, "__file__", None):
+            return strategy.__file__
+        return name
+    return strategy  # an object: pickled as itself
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
