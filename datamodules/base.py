@@ -30,14 +30,19 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: dataloader worker processes (0 loads in the main process).
         context_window: steps the model reads before predicting the next one; every sequence
             must be at least ``context_window + 1`` long.
+        shuffle_eval: shuffle validation and test batches too. Only for fidelity checks against
+            the reference, which did this: with a persistent memory the score then depends on
+            the order (``--model.eval_protocol reference`` goes with it).
     """
 
     channels: ClassVar[tuple[str, ...]] = ()
     input_columns: ClassVar[tuple[int, ...]] = ()
     target_column: ClassVar[int] = -1
 
-    def __init__(self, batch_size: int = 4, num_workers: int = 0, context_window: int = 16) -> None:
+    def __init__(self, batch_size: int = 4, num_workers: int = 0, context_window: int = 16,
+                 shuffle_eval: bool = False) -> None:
         super().__init__()
+        self.shuffle_eval = shuffle_eval
         _check_positive(batch_size=batch_size, context_window=context_window)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -76,10 +81,10 @@ class SequenceDataModule(L.LightningDataModule):
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", shuffle=False)
+        return self._loader("valid", shuffle=self.shuffle_eval)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=self.shuffle_eval)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

@@ -71,11 +71,13 @@ class SinwaveDataModule(SequenceDataModule):
         num_workers: int = 0,
         context_window: int = 16,
         seed: int = 0,
+        shuffle_eval: bool = False,
         n_sequences: int = 700,
         seq_len: int = 500,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, context_window=context_window
+            batch_size=batch_size, num_workers=num_workers, context_window=context_window,
+            shuffle_eval=shuffle_eval,
         )
         if data_dir is None and n_sequences < MIN_SEQUENCES:
             raise ValueError(

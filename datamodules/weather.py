@@ -45,9 +45,11 @@ class WeatherDataModule(SequenceDataModule):
         num_workers: int = 0,
         context_window: int = 16,
         seed: int = 0,
+        shuffle_eval: bool = False,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, context_window=context_window
+            batch_size=batch_size, num_workers=num_workers, context_window=context_window,
+            shuffle_eval=shuffle_eval,
         )
         if (data_dir is None) == (csv_path is None):
             given = "both were given" if data_dir is not None else "neither was given"

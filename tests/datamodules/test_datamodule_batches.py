@@ -98,3 +98,17 @@ def test_loaders_before_setup_say_so():
 @pytest.mark.parametrize("split", SPLITS)
 def test_every_split_has_a_dataset_after_setup(split):
     assert len(small_sinwave().datasets[split]) > 0
+
+
+def test_shuffle_eval_reorders_validation_and_test_only_when_asked():
+    import torch
+
+    from datamodules import SinwaveDataModule
+
+    for shuffle_eval, expect_sorted in ((False, True), (True, False)):
+        dm = SinwaveDataModule(n_sequences=200, seq_len=20, context_window=4, batch_size=4,
+                               shuffle_eval=shuffle_eval)
+        dm.setup("fit")
+        torch.manual_seed(0)
+        order = torch.cat([b["index"] for b in dm.val_dataloader()])
+        assert bool(torch.all(order[1:] > order[:-1])) is expect_sorted
