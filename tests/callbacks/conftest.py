@@ -1,0 +1,86 @@
+"""A tiny sinwave fit with chosen callbacks, and TensorBoard event files read back."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules import SinwaveDataModule
+from titans_lightning.module import TitansForecaster
+
+
+class StatsRecorder(L.Callback):
+    """Keeps a copy of what the memory reported after every batch: ``batches[split]`` is a list
+    (one per batch) of ``[{stat: (U, S)}]`` (one dict per layer)."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, list[list[dict[str, torch.Tensor]]]] = {
+            "train": [], "val": [], "test": []}
+
+    def record(self, split: str, pl_module: L.LightningModule) -> None:
+        self.batches[split].append([{k: v.detach().clone() for k, v in stats.items()}
+                                    for stats in pl_module.memory_stats])
+
+    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self.record("train", pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self.record("val", pl_module)
+
+    def on_test_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        self.record("test", pl_module)
+
+    def values(self, split: str, layer: int, stat: str) -> torch.Tensor:
+        """All values of one statistic over the recorded batches, (N,) float64."""
+        return torch.cat([b[layer][stat].reshape(-1) for b in self.batches[split]]).double()
+
+
+def fit_tiny(log_dir: Path, callbacks: list[L.Callback], max_epochs: int = 1,
+             test: bool = False, **trainer_args: Any) -> L.Trainer:
+    """Fit (and optionally test) the tiny model on tiny sine waves: at most 2 batches per split."""
+    L.seed_everything(0, verbose=False)
+    model = TitansForecaster(context_window=4, dim_feedforward=16)
+    data = SinwaveDataModule(n_sequences=20, seq_len=40, context_window=4)
+    options = dict(inference_mode=False, num_sanity_val_steps=0, max_epochs=max_epochs,
+                   limit_train_batches=2, limit_val_batches=2, limit_test_batches=2,
+                   logger=TensorBoardLogger(str(log_dir), name="tiny"),
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=callbacks)
+    trainer = L.Trainer(**{**options, **trainer_args})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|logging interval).*")
+        trainer.fit(model, data)
+        if test:
+            trainer.test(model, data, verbose=False)
+    return trainer
+
+
+def load_events(log_dir: str | Path) -> EventAccumulator:
+    events = EventAccumulator(str(log_dir),
+                              size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+@pytest.fixture(scope="session")
+def tiny_fit():
+    """``tiny_fit(log_dir, callbacks, max_epochs=1, test=False, **trainer_args) -> Trainer``."""
+    return fit_tiny
+
+
+@pytest.fixture(scope="session")
+def read_events():
+    """``read_events(log_dir) -> EventAccumulator`` with every scalar, histogram and image."""
+    return load_events
+
+
+@pytest.fixture(scope="session")
+def stats_recorder():
+    """``stats_recorder() -> StatsRecorder``, a callback copying ``memory_stats`` per batch."""
+    return StatsRecorder
