@@ -87,7 +87,7 @@ class NeuralMemory(nn.Module):
         if num_layers not in (1, 2):
             raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
         self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
-        self.strategy = load_strategy(strategy)
+        self.strategy = load_strategy(strategy, options=options)
         self._strategy_spec = _portable_spec(strategy, self.strategy)
         self.differentiable = bool(getattr(self.strategy, "DIFFERENTIABLE", False))
         self.reduce = None  # optional hook combining (surprise, grads) across processes

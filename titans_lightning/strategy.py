@@ -29,19 +29,33 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   the update it applied with ``memory.report_gate(rate)``; ungated rules need not (rate 1.0).
 
 Strategy strings (the config stores only the string, so checkpoints stay portable):
-a built-in name (``titans_default``), a dotted module (``my_pkg.my_rule``), or a path to a
-``.py`` file (``path/to/custom_memory.py``).
+a built-in name (any module of :mod:`titans_lightning.strategies`, e.g. ``titans_default``), a
+dotted module (``my_pkg.my_rule``), or a path to a ``.py`` file (``path/to/custom_memory.py``;
+``examples/custom_memory.py`` is a template to copy).
+
+:func:`load_strategy` checks a strategy when a memory is built: the four functions must exist
+with the contract's parameters, and a *probe* runs them on tiny tensors (a throwaway
+``NeuralMemory(dim=4, hidden=8)`` updated twice with a random (1, 3, 4) chunk, then once with
+two slots as per-sequence memory) and checks what each returns. A broken rule thus fails at
+construction, with a :class:`StrategyError` naming the function, not deep inside a training
+run. The probe runs once per strategy and options, and leaves the global random state as it was.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import importlib.util
 import inspect
+import pkgutil
 import sys
 import traceback
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import torch
 
 CONTRACT: dict[str, tuple[str, ...]] = {
     "init_memory_state": ("memory", "emb_dim"),
@@ -50,21 +64,49 @@ CONTRACT: dict[str, tuple[str, ...]] = {
     "apply_update": ("memory", "grads", "surprise"),
 }
 
-BUILTIN = ("titans_default", "adam_gated", "contrastive_ema", "delta_anchor")
+PROBE_DIM, PROBE_HIDDEN, PROBE_ROWS = 4, 8, 3
+PROBE = (f"a throwaway NeuralMemory(dim={PROBE_DIM}, hidden={PROBE_HIDDEN}) updated twice with "
+         f"a random (1, {PROBE_ROWS}, {PROBE_DIM}) chunk, then once with two slots, "
+         f"(2, {PROBE_ROWS}, {PROBE_DIM})")
+
+_probing = contextvars.ContextVar("titans_strategy_probing", default=False)
+_probed: dict[tuple, Any] = {}  # strategies (and options) that passed, kept alive by the key
 
 
 class StrategyError(ValueError):
     """A strategy could not be loaded or does not honour the four-function contract."""
 
 
+def builtin_strategies() -> tuple[str, ...]:
+    """Names of the built-in strategies: the modules of :mod:`titans_lightning.strategies`."""
+    from . import strategies
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(strategies.__path__)
+                        if not m.ispkg and not m.name.startswith("_")))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN":  # the built-in names, discovered rather than listed by hand
+        return builtin_strategies()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _signature(name: str) -> str:
     return f"{name}({', '.join(CONTRACT[name])})"
 
 
-def load_strategy(spec: str | ModuleType | Any) -> Any:
-    """Resolve ``spec`` (built-in name, dotted module, ``.py`` path or object) and check it."""
+def load_strategy(spec: str | ModuleType | Any, probe: bool = True,
+                  options: Mapping[str, Any] | None = None) -> Any:
+    """Resolve ``spec`` (built-in name, dotted module, ``.py`` path or object) and check it.
+
+    ``probe`` runs the four functions once on tiny tensors (with ``options`` as
+    ``memory.options``); a strategy that passed is not probed again with the same options.
+    """
     strategy = _resolve(spec) if isinstance(spec, str) else spec
-    check_contract(strategy, _describe(spec))
+    where = _describe(spec)
+    check_contract(strategy, where)
+    if probe and not _probing.get():
+        probe_strategy(strategy, where, options)
     return strategy
 
 
@@ -88,6 +130,150 @@ def check_contract(strategy: Any, where: str) -> None:
             continue
 
 
+# -- the probe ----------------------------------------------------------------------------------
+def probe_strategy(strategy: Any, where: str, options: Mapping[str, Any] | None = None) -> None:
+    """Build a tiny memory with ``strategy`` and update it; raise :class:`StrategyError` naming
+    the function that failed or returned the wrong thing."""
+    key = (*(getattr(strategy, n) for n in CONTRACT), repr(sorted((options or {}).items())))
+    try:
+        if key in _probed:
+            return
+    except TypeError:  # unhashable callables: probe every time
+        key = None
+    from .memory import NeuralMemory  # memory.py imports this module
+
+    traced = _Traced(strategy, where)
+    token = _probing.set(True)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"), \
+                torch.inference_mode(False), torch.enable_grad():
+            torch.default_generator.manual_seed(0)
+            memory = NeuralMemory(PROBE_DIM, PROBE_HIDDEN, 2, traced, dict(options or {}))
+            for _ in range(2):  # the second update sees the state the first one wrote
+                memory.update(torch.randn(1, PROBE_ROWS, PROBE_DIM))
+            memory.start_sequences(2)  # per-sequence scope: one slot per sequence
+            memory.update(torch.randn(2, PROBE_ROWS, PROBE_DIM))
+    except _FunctionFailed as failed:
+        err = failed.error  # its traceback, less the frame of the tracing wrapper
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__.tb_next))
+        raise StrategyError(
+            f"memory strategy {where}: `{failed.name}` raised {type(err).__name__}: {err} "
+            f"on the probe call ({PROBE})\n{tb}"
+        ) from err
+    except StrategyError:
+        raise
+    except Exception as err:  # the harness failed on what the strategy returned
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        after = f" after `{traced.last}` returned" if traced.last else ""
+        raise StrategyError(
+            f"memory strategy {where}: the memory update failed{after} on the probe call "
+            f"({PROBE}): {type(err).__name__}: {err}\n{tb}"
+        ) from err
+    finally:
+        _probing.reset(token)
+    _check_finite(memory, where)
+    if key is not None:
+        _probed[key] = strategy
+
+
+class _FunctionFailed(Exception):
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(name)
+        self.name, self.error = name, error
+
+
+class _Traced:
+    """The strategy seen by the probe's memory: each call is attributed and its result checked."""
+
+    def __init__(self, strategy: Any, where: str):
+        self._strategy, self._where, self.last = strategy, where, None
+
+    def __getattr__(self, name: str) -> Any:  # anything else the strategy exposes
+        if name == "_strategy":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._strategy, name)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self.last = name
+        try:
+            return getattr(self._strategy, name)(*args)
+        except Exception as err:
+            raise _FunctionFailed(name, err) from err
+
+    def _wrong(self, name: str, expected: str, got: Any) -> StrategyError:
+        return StrategyError(f"memory strategy {self._where}: `{name}` must return {expected}; "
+                             f"on the probe call ({PROBE}) it returned {_show(got)}")
+
+    def init_memory_state(self, memory, emb_dim):
+        self._call("init_memory_state", memory, emb_dim)
+
+    def compute_keys_values(self, memory, x):
+        out = self._call("compute_keys_values", memory, x)
+        S = x.shape[0]
+        ok = (isinstance(out, (tuple, list)) and len(out) == 2
+              and all(isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == S
+                      for t in out)
+              and out[0].shape[1] == out[1].shape[1])
+        if not ok:
+            raise self._wrong("compute_keys_values", "a pair (keys, values) of (S, R, d') tensors "
+                              f"with the same S and R (here S={S}, x {tuple(x.shape)})", out)
+        return out
+
+    def compute_surprise(self, memory, keys, values):
+        out = self._call("compute_surprise", memory, keys, values)
+        S = memory.n_slots
+        if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (S,)
+                and out.is_floating_point()):
+            raise self._wrong("compute_surprise", f"a float tensor of shape (S,) = ({S},), one "
+                              "surprise per memory slot", out)
+        if not out.requires_grad:
+            raise StrategyError(
+                f"memory strategy {self._where}: `compute_surprise` returned a surprise that does "
+                "not depend on the fast weights (requires_grad is False), so the harness cannot "
+                "take its gradient; compute it through memory.retrieve(keys), with autograd on")
+        return out
+
+    def apply_update(self, memory, grads, surprise):
+        out = self._call("apply_update", memory, grads, surprise)
+        expected = {n: tuple(w.shape) for n, w in memory.weights.items()}
+        if not (isinstance(out, Mapping) and set(out) == set(expected)
+                and all(isinstance(out[n], torch.Tensor) and tuple(out[n].shape) == shape
+                        for n, shape in expected.items())):
+            want = ", ".join(f"{n!r}: {shape}" for n, shape in expected.items())
+            raise self._wrong("apply_update", "a dict with exactly the fast weights' names and "
+                              f"shapes, like memory.weights {{{want}}}", out)
+        return out
+
+
+def _check_finite(memory: Any, where: str) -> None:
+    """Warn if the probe's updates were skipped (not an error: the harness skips them safely)."""
+    if int(memory.skipped_updates) == 0:
+        return
+    history = memory.history  # one entry per update; the slot count changes along the probe
+    if not all(torch.isfinite(h["surprise"]).all() for h in history):
+        name, what = "compute_surprise", "a non-finite surprise"
+    elif not all(torch.isfinite(h["grad_norm"]).all() for h in history):
+        name, what = "compute_surprise", "a surprise with a non-finite gradient"
+    else:
+        name, what = "apply_update", "non-finite weights"
+    warnings.warn(f"memory strategy {where}: `{name}` produced {what} on the probe call ({PROBE}); "
+                  "the harness skips such updates, keeping the previous weights and state",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _show(value: Any) -> str:
+    """A short description of a returned value: types and shapes, not contents."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(map(_show, value))})"
+    if isinstance(value, Mapping):
+        return "a dict {" + ", ".join(f"{k!r}: {_show(v)}" for k, v in value.items()) + "}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+# -- resolving a string -------------------------------------------------------------------------
 def _describe(spec: Any) -> str:
     if isinstance(spec, str):
         return repr(spec)
@@ -97,13 +283,14 @@ def _describe(spec: Any) -> str:
 def _resolve(spec: str) -> ModuleType:
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         return _load_file(Path(spec))
-    name = f"titans_lightning.strategies.{spec}" if spec in BUILTIN else spec
+    builtins = builtin_strategies()
+    name = f"titans_lightning.strategies.{spec}" if spec in builtins else spec
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name is not None and name.startswith(err.name):
             raise StrategyError(
-                f"unknown memory strategy {spec!r}: not a built-in ({', '.join(BUILTIN)}), "
+                f"unknown memory strategy {spec!r}: not a built-in ({', '.join(builtins)}), "
                 f"not an importable module, and not a path to a .py file"
             ) from None
         raise
@@ -118,13 +305,14 @@ def _load_file(path: Path) -> ModuleType:
     module_name = f"titans_user_strategy_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # registered while it runs, as an import would (dataclasses)
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # the user's own error, with the user's own traceback
+        del sys.modules[module_name]
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         raise StrategyError(
             f"memory strategy file {str(path)!r} failed to import: "
             f"{type(err).__name__}: {err}\n{tb}"
         ) from err
-    sys.modules[module_name] = module
     return module

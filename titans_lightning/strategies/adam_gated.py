@@ -40,14 +40,11 @@ DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "alpha": 0.99
 def init_memory_state(memory, emb_dim):
     for name in ("key_proj", "value_proj"):
         memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
-    for name, w in memory.zeros_like_weights().items():
-        memory.register_state(f"exp_avg_{name}", w, per_slot=True)
-        memory.register_state(f"exp_avg_sq_{name}", w.clone(), per_slot=True)
-    slots = memory.n_slots
-    memory.register_state("step", torch.zeros(slots), per_slot=True)  # open steps taken, t
-    memory.register_state("seen", torch.zeros(slots), per_slot=True)  # surprises observed, n
-    memory.register_state("surprise_mean", torch.zeros(slots), per_slot=True)
-    memory.register_state("surprise_var", torch.zeros(slots), per_slot=True)
+    # Adam's moments, one entry per fast weight, flat like memory.fast_weights (S, n_weights)
+    memory.register_state("exp_avg", torch.zeros_like(memory.fast_weights), per_slot=True)
+    memory.register_state("exp_avg_sq", torch.zeros_like(memory.fast_weights), per_slot=True)
+    for name in ("step", "seen", "surprise_mean", "surprise_var"):  # t, n, mu, var: (S,)
+        memory.register_state(name, torch.zeros(memory.n_slots), per_slot=True)
 
 
 def compute_keys_values(memory, x):
@@ -66,20 +63,15 @@ def apply_update(memory, grads, surprise):
     memory.report_gate(gate.float())
     step = memory.state["step"] + gate.float()  # (S,)
     memory.state["step"] = step
-    t = step.clamp(min=1.0)  # a never-opened slot has t = 0; its (unused) correction stays finite
-    new = {}
-    for name, w in memory.weights.items():
-        shape = (-1, *([1] * (w.dim() - 1)))  # (S,) -> (S, 1, ...)
-        open_, g = gate.view(shape), grads[name]
-        m_old, v_old = memory.state[f"exp_avg_{name}"], memory.state[f"exp_avg_sq_{name}"]
-        m = torch.where(open_, opt["beta1"] * m_old + (1 - opt["beta1"]) * g, m_old)
-        v = torch.where(open_, opt["beta2"] * v_old + (1 - opt["beta2"]) * g * g, v_old)
-        memory.state[f"exp_avg_{name}"], memory.state[f"exp_avg_sq_{name}"] = m, v
-        m_hat = m / (1 - opt["beta1"] ** t).view(shape)
-        v_hat = v / (1 - opt["beta2"] ** t).view(shape)
-        stepped = opt["alpha"] * w - opt["lr"] * m_hat / (v_hat.sqrt() + opt["eps"])
-        new[name] = torch.where(open_, stepped, w)
-    return new
+    open_, t = gate[:, None], step.clamp(min=1.0)[:, None]  # t >= 1 keeps unused slots finite
+    g, m, v = memory.flatten(grads), memory.state["exp_avg"], memory.state["exp_avg_sq"]
+    m = torch.where(open_, opt["beta1"] * m + (1 - opt["beta1"]) * g, m)  # (S, n)
+    v = torch.where(open_, opt["beta2"] * v + (1 - opt["beta2"]) * g * g, v)  # (S, n)
+    memory.state["exp_avg"], memory.state["exp_avg_sq"] = m, v
+    m_hat, v_hat = m / (1 - opt["beta1"] ** t), v / (1 - opt["beta2"] ** t)
+    w = memory.fast_weights  # (S, n)
+    stepped = opt["alpha"] * w - opt["lr"] * m_hat / (v_hat.sqrt() + opt["eps"])
+    return memory.unflatten(torch.where(open_, stepped, w))
 
 
 def _gate_and_track(memory, surprise, opt):

@@ -39,8 +39,8 @@ DEFAULTS = {"tau": 0.1, "theta": 0.1, "beta": 0.9, "eta": 0.0, "alpha": 1.0, "ma
 def init_memory_state(memory, emb_dim):
     for name in ("key_proj", "value_proj"):
         memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
-    for name, w in memory.zeros_like_weights().items():
-        memory.register_state(f"momentum_{name}", w, per_slot=True)
+    # one momentum entry per fast weight, flat like memory.fast_weights (S, n_weights)
+    memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
 
 
 def compute_keys_values(memory, x):
@@ -61,13 +61,11 @@ def compute_surprise(memory, keys, values):
 
 def apply_update(memory, grads, surprise):
     opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
-    new = {}
-    for name, w in memory.weights.items():
-        momentum = opt["eta"] * memory.state[f"momentum_{name}"] - opt["theta"] * grads[name]
-        memory.state[f"momentum_{name}"] = momentum
-        stepped = opt["alpha"] * w + momentum
-        new[name] = opt["beta"] * w + (1 - opt["beta"]) * stepped
-    return new
+    momentum = opt["eta"] * memory.state["momentum"] - opt["theta"] * memory.flatten(grads)
+    memory.state["momentum"] = momentum
+    w = memory.fast_weights  # (S, n)
+    stepped = opt["alpha"] * w + momentum
+    return memory.unflatten(opt["beta"] * w + (1 - opt["beta"]) * stepped)
 
 
 def strided_rows(n_rows, max_rows, device=None):
