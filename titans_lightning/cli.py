@@ -1,8 +1,8 @@
 """The ``titans`` command: LightningCLI over :class:`TitansForecaster` and any datamodule.
 
-    titans fit --config configs/sinwave.yaml            # train, then test the best checkpoint
+    titans fit --config configs/sinwave.yaml      # train, then test the best checkpoint
     titans test --config configs/sinwave.yaml --ckpt_path logs/sinwave/version_0/checkpoints/last.ckpt
-    titans predict --config configs/sinwave.yaml --ckpt_path ...   # writes predictions.csv
+    titans predict --config configs/sinwave.yaml --ckpt_path PATH   # writes predictions.csv
 
 ``fit`` ends by testing the best-validation checkpoint and writing ``result.json`` into the run's
 log directory (keys in :mod:`titans_lightning.results`).
@@ -48,15 +48,19 @@ class TitansCLI(LightningCLI):
         """Test the best-validation checkpoint and write ``result.json``."""
         checkpoint = self.trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "")
+        fit_state = checkpoint.state_dict() if checkpoint is not None else None
         scores = self.trainer.test(self.model, datamodule=self.datamodule,
                                    ckpt_path="best" if best_path else None)[0]
+        if checkpoint is not None:  # loading the best checkpoint rewound the callback to its state
+            checkpoint.load_state_dict(fit_state)
         if not self.trainer.is_global_zero:
             return
         result = self.fit_result(scores, best_path)
         path = write_result(self.trainer.log_dir, result)
         tested = f"best epoch {result['best_epoch']}" if best_path else "final weights"
-        print(f"\ntest MSE {result['test_mse']:.6f}  ({tested}, val MSE {result['val_mse']})"
-              f"\nresult: {path}")
+        if result["val_mse"] is not None:
+            tested += f", val MSE {result['val_mse']:.6f}"
+        print(f"\ntest MSE {result['test_mse']:.6f}  ({tested})\nresult: {path}")
 
     def fit_result(self, scores: dict[str, float], best_path: str) -> dict[str, Any]:
         checkpoint = self.trainer.checkpoint_callback
@@ -77,9 +81,13 @@ class TitansCLI(LightningCLI):
         }
 
     def config_as_dict(self) -> dict[str, Any]:
+        """The parsed config, with the values linked from the datamodule at instantiation."""
         dumped = self.parser.dump(self.config, skip_link_targets=False, skip_none=False,
                                   format="json")
-        return json.loads(dumped)[self.subcommand]
+        config = json.loads(dumped)[self.subcommand]
+        config["model"].update(input_dim=self.model.hparams.input_dim,
+                               output_dim=self.model.hparams.output_dim)
+        return config
 
     def before_predict(self) -> None:
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):

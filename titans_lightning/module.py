@@ -81,7 +81,8 @@ class TitansForecaster(L.LightningModule):
                  lr: float = 1e-3, eval_protocol: str = "default"):
         super().__init__()
         if eval_protocol not in EVAL_PROTOCOLS:
-            raise ValueError(f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
+            raise ValueError(
+                f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
         self.save_hyperparameters()
         self.model = MACTitan(
             input_dim=input_dim, output_dim=output_dim, context_window=context_window,
@@ -195,7 +196,7 @@ def restore_buffers(module: nn.Module, buffers: dict[str, Tensor]) -> None:
 
 def capture_rng_states() -> dict[str, Any]:
     """torch (CPU and CUDA), NumPy and Python generator states, as weights-only-loadable types."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

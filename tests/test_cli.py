@@ -1,0 +1,146 @@
+"""The `titans` command: shipped configs, the run record, test and predict from a checkpoint."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datamodules.sinwave import make_sinwave_splits
+from titans_lightning.cli import TitansCLI, main
+from titans_lightning.module import TitansForecaster
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+BENCHMARKS = {"sinwave.yaml": (16, 20), "weather.yaml": (16, 20), "sinwave_long.yaml": (32, 30)}
+RESULT_KEYS = {"config", "commit", "seed", "wall_s", "best_epoch", "val_mse", "test_mse",
+               "test_mae", "strategy", "memory_scope", "device"}
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_the_three_benchmarks_are_shipped():
+    assert set(BENCHMARKS) <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_starts_with_its_command_and_instantiates(name, config_args, in_tmp):
+    first_line = (CONFIGS / name).read_text().splitlines()[0]
+    assert first_line.startswith("# titans ") and f"--config configs/{name}" in first_line
+
+    cli = TitansCLI(config_args(name), run=False)
+
+    assert cli.model.hparams.context_window == cli.datamodule.context_window
+    assert cli.model.hparams.input_dim == cli.datamodule.input_dim
+    assert cli.trainer.validate_loop.inference_mode is False
+    if name in BENCHMARKS:
+        window, epochs = BENCHMARKS[name]
+        assert (cli.model.hparams.context_window, cli.trainer.max_epochs) == (window, epochs)
+        assert cli.datamodule.batch_size == 4
+        assert cli.config["seed_everything"] == 0
+        assert cli.trainer.checkpoint_callback.monitor == "val/mse"
+        assert cli.trainer.logger.name == name.removesuffix(".yaml")
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_benchmark_config_fits_an_epoch_and_records_the_result(name, config_args, in_tmp):
+    main(["fit", *config_args(name), *QUIET, "--model.dim_feedforward", "32",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+          "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"])
+
+    (path,) = in_tmp.glob("logs/*/version_0/result.json")
+    assert path.parent.parent.name == name.removesuffix(".yaml")
+    result = json.loads(path.read_text())
+    assert set(result) == RESULT_KEYS
+    assert math.isfinite(result["test_mse"]) and math.isfinite(result["val_mse"])
+    assert result["best_epoch"] == 0 and result["seed"] == 0
+    assert result["strategy"] == "titans_default" and result["memory_scope"] == "shared"
+    assert result["device"] == "cpu"
+    config, (window, _) = result["config"], BENCHMARKS[name]
+    assert config["model"]["dim_feedforward"] == 32
+    assert config["model"]["context_window"] == window
+    assert config["data"]["init_args"]["context_window"] == window
+    assert config["model"]["input_dim"] == (5 if name == "weather.yaml" else 1)
+    assert config["trainer"]["max_epochs"] == 1
+
+
+def fit_tiny(args: list[str], *extra: str) -> TitansCLI:
+    return TitansCLI(["fit", *args, "--trainer.max_epochs", "1", *extra])
+
+
+def test_fit_twice_into_the_same_log_folder(tiny_sinwave, in_tmp):
+    first = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2")
+    second = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2")
+    assert Path(first.trainer.log_dir).name == "version_0"
+    assert Path(second.trainer.log_dir).name == "version_1"
+    for cli in (first, second):
+        assert (Path(cli.trainer.log_dir) / "result.json").is_file()
+        assert Path(cli.trainer.checkpoint_callback.last_model_path).parent.parent == \
+            Path(cli.trainer.log_dir)
+
+
+def test_standalone_test_continues_from_the_checkpoints_memory(tiny_sinwave, tiny, in_tmp):
+    ckpt = fit_tiny(tiny_sinwave).trainer.checkpoint_callback.last_model_path
+    saved = TitansForecaster.load_from_checkpoint(ckpt).model  # the memory as checkpointed
+
+    tested = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt]).model.model
+
+    # Replaying the test split on the checkpointed memory gives the memory the test run ended with.
+    test_split = make_sinwave_splits(20, tiny["seq_len"], seed=0)["test"]
+    saved.eval()
+    with torch.no_grad():
+        saved(torch.as_tensor(test_split, dtype=torch.float32))
+    for after_test, replayed in zip(tested.memories, saved.memories):
+        assert int(after_test.num_updates) == int(replayed.num_updates)
+        assert torch.equal(after_test.fast_weights, replayed.fast_weights)
+        for name, value in replayed.state.items():
+            assert torch.equal(after_test.state[name], value)
+    before = torch.load(ckpt, weights_only=True)["state_dict"]
+    first = tested.memories[0]
+    assert int(first.num_updates) == int(before["model.layers.0.memory.num_updates"]) + \
+        tiny["updates_per_batch"]
+    assert not torch.equal(first.fast_weights, before["model.layers.0.memory.fast_weights"])
+
+
+def test_predict_writes_a_row_per_sequence_and_target_position(tiny_sinwave, tiny, in_tmp):
+    ckpt = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2") \
+        .trainer.checkpoint_callback.last_model_path
+    cli = TitansCLI(["predict", *tiny_sinwave, "--ckpt_path", ckpt])
+
+    frame = pd.read_csv(Path(cli.trainer.log_dir) / "predictions.csv")
+    T, C, n = tiny["seq_len"], tiny["window"], tiny["test_sequences"]
+    assert list(frame.columns) == ["sequence", "position", "prediction", "target", "valid"]
+    assert len(frame) == n * (T - 1)
+    assert sorted(frame["sequence"].unique()) == list(range(n))
+    # the forecast of position p is made at step p-1, which has a full window from p-1 = C-1
+    assert frame["valid"].to_numpy().tolist() == [p >= C for p in frame["position"]]
+    assert frame.loc[frame["valid"], "prediction"].notna().all()
+    assert frame.loc[~frame["valid"], "prediction"].isna().all()
+    test_split = make_sinwave_splits(20, T, seed=0)["test"][..., 0]  # (n, T)
+    expected = test_split[frame["sequence"], frame["position"]]
+    np.testing.assert_allclose(frame["target"], expected, rtol=1e-6)
+
+
+def titans_command() -> list[str]:
+    script = Path(sys.executable).parent / "titans"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("titans")
+    return [found] if found else [sys.executable, "-m", "titans_lightning.cli"]
+
+
+def test_inference_mode_on_the_command_line_fails_with_a_clear_message(tiny_sinwave, in_tmp):
+    run = subprocess.run(
+        [*titans_command(), "validate", *tiny_sinwave, "--trainer.inference_mode", "true"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode != 0
+    last_line = run.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("RuntimeError: the neural memory learns during validation")
+    assert "inference_mode=False" in last_line
