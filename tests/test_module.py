@@ -183,3 +183,19 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+def test_reference_protocol_scores_from_position_15_with_missing_predictions_as_zero():
+    import torch as _torch
+
+    from titans_lightning.module import TitansForecaster
+
+    module = TitansForecaster(context_window=20, dim_feedforward=8, eval_protocol="reference")
+    seen = {}
+    module.metrics["test"].update = lambda p, t: seen.update(p=p, t=t)
+    module.log_dict = lambda *a, **k: None
+    batch = {"inputs": _torch.randn(2, 40, 1), "targets": _torch.randn(2, 40, 1)}
+    module.evaluate("test", batch)
+    assert seen["p"].shape == (2, 40 - 16, 1)
+    assert _torch.all(seen["p"][:, : 20 - 1 - 15] == 0)  # t = 15..18 have no window
+    assert _torch.equal(seen["t"], batch["targets"][:, 16:])

@@ -28,6 +28,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from .model import MACTitan
 
 EVAL_PROTOCOLS = ("default", "reference")
+REFERENCE_FIRST_SCORED = 15  # the reference's evaluation slice, hard-coded for C = 16
 
 INFERENCE_MODE_ERROR = (
     "the neural memory learns during validation, test and predict and needs autograd, which "
@@ -69,8 +70,13 @@ class TitansForecaster(L.LightningModule):
         dim_feedforward: feed-forward width of the attention layer.
         dropout: dropout of the attention layer.
         lr: Adam learning rate for the outer parameters (never the fast weights).
-        eval_protocol: ``default`` evaluates in eval mode; ``reference`` keeps dropout on
-            during validation and test, as the published reference did (fidelity checks only).
+        eval_protocol: ``default`` evaluates in eval mode over targets t+1 for t >= C-1;
+            ``reference`` reproduces the published reference's quirks for fidelity checks only:
+            dropout stays on during validation and test, and scoring starts at t = 15 whatever
+            C is (positions without a prediction count as predicted 0). Its shuffled
+            validation/test order is the datamodule's ``shuffle_eval``.
+        mac_order: ``reference`` (the published MAC block: the gate reads the memory after it
+            stored the window group) or ``causal`` (gate first, then store).
     """
 
     def __init__(self, strategy: str = "titans_default", strategy_options: dict | None = None,
@@ -78,7 +84,7 @@ class TitansForecaster(L.LightningModule):
                  context_window: int = 16, hidden_dim: int = 16, pm_len: int = 4,
                  num_layers: int = 2, memory_layers: int = 2, memory_hidden: int = 32,
                  nhead: int = 2, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 lr: float = 1e-3, eval_protocol: str = "default"):
+                 lr: float = 1e-3, eval_protocol: str = "default", mac_order: str = "reference"):
         super().__init__()
         if eval_protocol not in EVAL_PROTOCOLS:
             raise ValueError(
@@ -89,7 +95,7 @@ class TitansForecaster(L.LightningModule):
             hidden_dim=hidden_dim, pm_len=pm_len, num_layers=num_layers,
             memory_layers=memory_layers, memory_hidden=memory_hidden, strategy=strategy,
             strategy_options=strategy_options, memory_scope=memory_scope, nhead=nhead,
-            dim_feedforward=dim_feedforward, dropout=dropout)
+            dim_feedforward=dim_feedforward, dropout=dropout, mac_order=mac_order)
         self.metrics = nn.ModuleDict({
             split: MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()},
                                     prefix=f"{split}/")
@@ -123,7 +129,12 @@ class TitansForecaster(L.LightningModule):
         self.evaluate("test", batch)
 
     def evaluate(self, split: str, batch: dict[str, Tensor]) -> None:
-        preds, targets = self.shared_step(batch)
+        if self.hparams.eval_protocol == "reference":
+            preds, _ = self.model(batch["inputs"])  # (B, T, O), 0 where no window exists
+            self.collect_memory_stats()
+            preds, targets = preds[:, REFERENCE_FIRST_SCORED:-1], batch["targets"][:, REFERENCE_FIRST_SCORED + 1:]
+        else:
+            preds, targets = self.shared_step(batch)
         metrics = self.metrics[split]
         metrics.update(preds, targets)
         self.log_dict(metrics, on_epoch=True, prog_bar=split == "val", batch_size=preds.shape[0])
