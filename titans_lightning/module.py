@@ -132,7 +132,8 @@ class TitansForecaster(L.LightningModule):
         if self.hparams.eval_protocol == "reference":
             preds, _ = self.model(batch["inputs"])  # (B, T, O), 0 where no window exists
             self.collect_memory_stats()
-            preds, targets = preds[:, REFERENCE_FIRST_SCORED:-1], batch["targets"][:, REFERENCE_FIRST_SCORED + 1:]
+            preds = preds[:, REFERENCE_FIRST_SCORED:-1].contiguous()
+            targets = batch["targets"][:, REFERENCE_FIRST_SCORED + 1:].contiguous()
         else:
             preds, targets = self.shared_step(batch)
         metrics = self.metrics[split]
