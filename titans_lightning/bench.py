@@ -65,10 +65,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     name = run_name(benchmark, strategy, args.scope, args.protocol, seed)
-    out = BENCH / "results" / f"{name}.json"
+    out = args.out / "results" / f"{name}.json"
     if out.exists():
         return f"{name}: done already"
-    run_dir = BENCH / "runs" / name
+    run_dir = args.out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     spent = run_dir / "wall_s.txt"  # wall time of earlier, interrupted attempts
     before = float(spent.read_text()) if spent.exists() else 0.0
@@ -89,8 +89,8 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     return f"{name}: test MSE {record['test_mse']:.5f} (best epoch {record['best_epoch']})"
 
 
-def load_results() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((BENCH / "results").glob("*.json"))]
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
 
 
 def cell(values: list[float]) -> str:
@@ -101,10 +101,10 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)} seeds)"
 
 
-def render() -> Path:
-    """Write benchmarks/RESULTS.md from the committed result files and the screening runs."""
+def render(out: Path = BENCH) -> Path:
+    """Write RESULTS.md from the result files and the screening runs under ``out``."""
     rows: dict[tuple, dict[str, list[float]]] = {}
-    for r in load_results():
+    for r in load_results(out):
         key = (r["strategy"], r["memory_scope"], r["protocol"])
         rows.setdefault(key, {}).setdefault(r["benchmark"], []).append(r["test_mse"])
     names = list(BENCHMARKS)
@@ -125,14 +125,14 @@ def render() -> Path:
     for strategy, cells in PUBLISHED.items():
         lines.append(f"| {strategy} | " + " | ".join(f"{cells[b]:.3f}" for b in names) + " |")
     lines.append("| oracle (sine family) | 0.0135 | — | 0.0133 |")
-    lines += ["", *screening_table()]
-    path = BENCH / "RESULTS.md"
+    lines += ["", *screening_table(out)]
+    path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def screening_table() -> list[str]:
-    files = sorted((BENCH / "screening").glob("*.json"))
+def screening_table(out: Path) -> list[str]:
+    files = sorted((out / "screening").glob("*.json"))
     if not files:
         return []
     lines = ["## Screening runs (`benchmarks/screen.py`: narrow feed-forward, few epochs)", "",
@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="CPU threads per run (OMP_NUM_THREADS)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    p.add_argument("--render", action="store_true", help="only rewrite benchmarks/RESULTS.md")
+    p.add_argument("--out", type=Path, default=BENCH,
+                   help="folder of results/, runs/ and RESULTS.md (default: benchmarks/)")
+    p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md")
     p.add_argument("extra", nargs="*", help="more `titans fit` arguments, after --")
     args = p.parse_args(argv)
     if not args.render:
@@ -169,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for message in pool.map(lambda r: run_one(args, *r), runs):
                 print(message, flush=True)
-                render()
-    print(f"wrote {render()}")
+                render(args.out)
+    print(f"wrote {render(args.out)}")
 
 
 if __name__ == "__main__":
