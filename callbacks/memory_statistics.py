@@ -59,13 +59,17 @@ class EpochValues:
     def clear(self) -> None:
         self.batches.clear()
 
-    def gather(self, pl_module: L.LightningModule, n_layers: int) -> list[dict[str, Tensor]]:
-        """Every rank's values of the epoch, ``[{stat: (N,)}]`` per layer; then clears."""
+    def gather(self, pl_module: L.LightningModule, n_layers: int,
+               across_ranks: bool = True) -> list[dict[str, Tensor]]:
+        """The epoch's values, ``[{stat: (N,)}]`` per layer, of every rank (``across_ranks``)
+        or of this one; then clears."""
         gathered = []
         for layer in range(n_layers):  # every rank takes part in every layer's gather
             parts = self.batches.get(layer) or [
                 torch.empty(len(self.names), 0, device=pl_module.device)]
-            values = gather_columns(pl_module, torch.cat(parts, dim=1))  # (K, N)
+            values = torch.cat(parts, dim=1)  # (K, n)
+            if across_ranks:
+                values = gather_columns(pl_module, values)  # (K, N)
             gathered.append(dict(zip(self.names, values)))
         self.clear()
         return gathered
@@ -99,7 +103,10 @@ class MemoryStatisticsCallback(TensorBoardCallback):
     def write(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        layers = self.values[split].gather(pl_module, len(pl_module.model.memories))
+        # Training splits each global batch across ranks; validation and test run the whole
+        # split on every rank (identical values), so only training needs the gather.
+        layers = self.values[split].gather(pl_module, len(pl_module.model.memories),
+                                           across_ranks=split == "train")
         if not trainer.is_global_zero:
             return
         writer = self.writer(trainer)

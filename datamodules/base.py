@@ -8,13 +8,16 @@ passes, and builds the dataloaders. Batches are dicts from default collate:
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from datamodules.dataset import SequenceDataset
 from datamodules.splits import SPLITS, SplitArray, check_splits
+from titans_lightning.distributed import RankMajorSampler, world_size
 
 
 def default_input_columns(n_channels: int) -> tuple[int, ...]:
@@ -76,7 +79,14 @@ class SequenceDataModule(L.LightningDataModule):
             split: SequenceDataset(arrays[split], self.input_columns, target) for split in SPLITS
         }
 
+    # On several processes (torch.distributed running) the training loader splits each global
+    # batch of world_size * batch_size sequences among the ranks itself, and the evaluation
+    # loaders give every rank the whole split in the same order: Lightning must not add its own
+    # distributed sampler (use_distributed_sampler=False, the titans CLI's default).
     def train_dataloader(self) -> DataLoader:
+        if world_size() > 1:
+            sampler = RankMajorSampler(self._require("train"), self.batch_size, seed=_seed())
+            return self._loader("train", sampler=sampler)
         # No explicit generator: shuffling follows torch's global RNG, which seed_everything sets.
         return self._loader("train", shuffle=True)
 
@@ -89,17 +99,31 @@ class SequenceDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _require(self, split: str) -> SequenceDataset:
         if not self.datasets:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for dataloaders")
+        return self.datasets[split]
+
+    def _loader(self, split: str, shuffle: bool = False,
+                sampler: Sampler[int] | None = None) -> DataLoader:
+        generator = None
+        if shuffle and world_size() > 1:  # the same order on every rank, whatever its RNG did
+            generator = torch.Generator().manual_seed(_seed())
         return DataLoader(
-            self.datasets[split],
+            self._require(split),
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
+            generator=generator,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+def _seed() -> int:
+    """The run's seed (set by seed_everything), so that every rank shuffles alike."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _check_positive(**values: int) -> None:

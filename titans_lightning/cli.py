@@ -22,7 +22,8 @@ from .results import PredictionWriter, device_name, git_commit, write_result
 
 # The memory learns during validation and test, so autograd must stay available there; the
 # sanity check is off because it would run the memory on validation data before training.
-TRAINER_DEFAULTS = {"inference_mode": False, "num_sanity_val_steps": 0}
+TRAINER_DEFAULTS = {"inference_mode": False, "num_sanity_val_steps": 0,
+                    "use_distributed_sampler": False}  # on several devices: see distributed.py
 
 
 class TitansCLI(LightningCLI):
@@ -53,10 +54,11 @@ class TitansCLI(LightningCLI):
                                    ckpt_path="best" if best_path else None)[0]
         if checkpoint is not None:  # loading the best checkpoint rewound the callback to its state
             checkpoint.load_state_dict(fit_state)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
             return
         result = self.fit_result(scores, best_path)
-        path = write_result(self.trainer.log_dir, result)
+        path = write_result(log_dir, result)
         tested = f"best epoch {result['best_epoch']}" if best_path else "final weights"
         if result["val_mse"] is not None:
             tested += f", val MSE {result['val_mse']:.6f}"

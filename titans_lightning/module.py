@@ -11,6 +11,11 @@ The prediction made at step t forecasts the target at t+1. Positions t < C-1 hav
 context window and carry neither loss nor metric. The neural memory keeps learning in every
 stage (training, validation, test, predict): that is the point of test-time memory, so the
 Trainer must run with ``inference_mode=False`` (the ``titans`` CLI's default).
+
+Several processes (DDP, see :mod:`titans_lightning.distributed`): the shared memory combines its
+update across ranks while training, so all ranks keep one memory; validation, test and predict
+run the whole split on every rank (no distributed sampler) with no combination, so every rank
+computes the same memory and the same metrics, which are therefore not synchronised.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
+from .distributed import (broadcast_memory, keep_buffers_local, reduce_hook,
+                          warn_if_split_is_divided)
 from .model import MACTitan
 
 EVAL_PROTOCOLS = ("default", "reference")
@@ -97,7 +104,9 @@ class TitansForecaster(L.LightningModule):
             strategy_options=strategy_options, memory_scope=memory_scope, nhead=nhead,
             dim_feedforward=dim_feedforward, dropout=dropout, mac_order=mac_order)
         self.metrics = nn.ModuleDict({
-            split: MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()},
+            # every rank scores the whole split itself: summing over ranks would count it twice
+            split: MetricCollection({"mse": MeanSquaredError(sync_on_compute=False),
+                                     "mae": MeanAbsoluteError(sync_on_compute=False)},
                                     prefix=f"{split}/")
             for split in ("val", "test")})
         # Per memory layer, {stat: (U, S)} for the updates of the latest batch; read by callbacks
@@ -119,7 +128,7 @@ class TitansForecaster(L.LightningModule):
         preds, targets = self.shared_step(batch)
         loss = F.mse_loss(preds, targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=preds.shape[0])
+                 batch_size=preds.shape[0], sync_dist=True)  # the global batch's loss
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -163,6 +172,27 @@ class TitansForecaster(L.LightningModule):
         loops = (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop)
         if any(loop.inference_mode for loop in loops):
             raise RuntimeError(INFERENCE_MODE_ERROR)
+        if self.trainer.world_size > 1:
+            keep_buffers_local(self.trainer.strategy)  # before Lightning wraps the model in DDP
+
+    def on_fit_start(self) -> None:
+        broadcast_memory(self.model)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.combine_memory_updates(self.trainer.world_size > 1
+                                    and self.hparams.memory_scope == "shared")
+
+    def combine_memory_updates(self, across_ranks: bool) -> None:
+        """Install (or remove) the hook that makes every rank apply the global batch's update."""
+        for memory in self.model.memories:
+            memory.reduce = reduce_hook(memory) if across_ranks else None
+
+    def start_evaluation(self, loaders: Any, stage: str) -> None:
+        """Every rank evaluates the whole split alone, from rank 0's memory."""
+        self.combine_memory_updates(False)
+        if self.trainer.world_size > 1:
+            warn_if_split_is_divided(loaders, stage)
+            broadcast_memory(self.model)
 
     def on_validation_model_eval(self) -> None:
         self.set_evaluation_mode()
@@ -175,6 +205,7 @@ class TitansForecaster(L.LightningModule):
         self.trainer.model.train(self.hparams.eval_protocol == "reference")
 
     def on_validation_start(self) -> None:
+        self.start_evaluation(self.trainer.val_dataloaders, "validation")
         # Lightning's sanity check is not part of the protocol: it must leave the memory as it was.
         if self.trainer.sanity_checking:
             self._memory_before_sanity_check = {
@@ -184,6 +215,13 @@ class TitansForecaster(L.LightningModule):
         if self._memory_before_sanity_check is not None:
             restore_buffers(self.model, self._memory_before_sanity_check)
             self._memory_before_sanity_check = None
+        broadcast_memory(self.model)  # the ranks agree already, unless a kernel is nondeterministic
+
+    def on_test_start(self) -> None:
+        self.start_evaluation(self.trainer.test_dataloaders, "test")
+
+    def on_predict_start(self) -> None:
+        self.start_evaluation(self.trainer.predict_dataloaders, "predict")
 
     # -- checkpoints ----------------------------------------------------------------------------
     # The memory (fast weights, strategy state) is made of buffers, so it is in every state_dict.

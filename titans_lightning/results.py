@@ -104,11 +104,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         directory = Path(self.output_dir or trainer.log_dir or ".")
-        name = PREDICTIONS_FILE
-        if trainer.world_size > 1:  # each rank predicts its own share of the sequences
-            name = f"predictions_rank{trainer.global_rank}.csv"
+        if not trainer.is_global_zero:  # every rank predicts the whole split: rank 0 writes it
+            self.frames = []
+            return
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / name
+        self.path = directory / PREDICTIONS_FILE
         frames = self.frames or [pd.DataFrame(columns=list(PREDICTION_COLUMNS))]
         pd.concat(frames, ignore_index=True).to_csv(self.path, index=False)
         self.frames = []
