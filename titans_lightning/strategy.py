@@ -28,6 +28,11 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   tensor so that a non-finite update can be rolled back). A gated rule reports the fraction of
   the update it applied with ``memory.report_gate(rate)``; ungated rules need not (rate 1.0).
 
+Optional, beyond the four functions: ``DIFFERENTIABLE = True`` keeps the graph of every update
+while training (the outer optimiser then learns ``learnable=True`` state through the memory's
+updates); ``reduce_across_ranks(memory, surprise, grads, rows)`` replaces how the surprise and
+gradients are combined across processes under DDP (see :mod:`titans_lightning.distributed`).
+
 Strategy strings (the config stores only the string, so checkpoints stay portable):
 a built-in name (any module of :mod:`titans_lightning.strategies`, e.g. ``titans_default``), a
 dotted module (``my_pkg.my_rule``), or a path to a ``.py`` file (``path/to/custom_memory.py``;
