@@ -126,6 +126,9 @@ def render(out: Path = BENCH) -> Path:
         lines.append(f"| {strategy} | " + " | ".join(f"{cells[b]:.3f}" for b in names) + " |")
     lines.append("| oracle (sine family) | 0.0135 | — | 0.0133 |")
     lines += ["", *screening_table(out)]
+    notes = out / "research.md"  # what was tried and what it did, written by hand
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
