@@ -30,31 +30,21 @@ deviations (0.5), ``gamma`` decay of the running statistics (0.9, about the last
 ``warmup`` updates always open (5).
 """
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from .titans_default import (  # the default rule's pieces, shared as they are
+    compute_keys_values, compute_surprise, register_projections)
 
 DEFAULTS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "alpha": 0.999,
             "k": 0.5, "gamma": 0.9, "warmup": 5}
 
 
 def init_memory_state(memory, emb_dim):
-    for name in ("key_proj", "value_proj"):
-        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
+    register_projections(memory, emb_dim)
     # Adam's moments, one entry per fast weight, flat like memory.fast_weights (S, n_weights)
     memory.register_state("exp_avg", torch.zeros_like(memory.fast_weights), per_slot=True)
     memory.register_state("exp_avg_sq", torch.zeros_like(memory.fast_weights), per_slot=True)
     for name in ("step", "seen", "surprise_mean", "surprise_var"):  # t, n, mu, var: (S,)
         memory.register_state(name, torch.zeros(memory.n_slots), per_slot=True)
-
-
-def compute_keys_values(memory, x):
-    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
-    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
-    return keys, values
-
-
-def compute_surprise(memory, keys, values):
-    return (memory.retrieve(keys) - values).pow(2).mean(1).sum(-1)  # (S,)
 
 
 def apply_update(memory, grads, surprise):

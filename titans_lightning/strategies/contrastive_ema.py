@@ -31,22 +31,17 @@ output scale, so nothing would restore the scale that retention removes), ``max_
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .titans_default import (  # the default rule's pieces, shared as they are
+    compute_keys_values, register_projections)
 
 DEFAULTS = {"tau": 0.1, "theta": 0.1, "beta": 0.9, "eta": 0.0, "alpha": 1.0, "max_rows": 256}
 
 
 def init_memory_state(memory, emb_dim):
-    for name in ("key_proj", "value_proj"):
-        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
+    register_projections(memory, emb_dim)
     # one momentum entry per fast weight, flat like memory.fast_weights (S, n_weights)
     memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
-
-
-def compute_keys_values(memory, x):
-    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
-    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
-    return keys, values
 
 
 def compute_surprise(memory, keys, values):

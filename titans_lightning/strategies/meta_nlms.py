@@ -22,7 +22,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .titans_default import (  # the default rule's pieces, shared as they are
+    compute_keys_values, compute_surprise, register_projections)
 
 DIFFERENTIABLE = True
 DEFAULTS = {"theta": 0.1, "eta": 0.5, "alpha": 0.999, "clip": 1.0}
@@ -34,25 +36,13 @@ def _logit(p):
 
 def init_memory_state(memory, emb_dim):
     opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
-    for name in ("key_proj", "value_proj"):
-        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)),
-                              learnable=True)
+    register_projections(memory, emb_dim, learnable=True)
     memory.register_state("theta_raw", torch.tensor(math.log(math.expm1(opt["theta"]))),
                           learnable=True)
     memory.register_state("eta_raw", torch.tensor(_logit(opt["eta"])), learnable=True)
     memory.register_state("alpha_raw", torch.tensor(_logit(opt["alpha"])), learnable=True)
     memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
     memory.learn_initial_weights()
-
-
-def compute_keys_values(memory, x):
-    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
-    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
-    return keys, values
-
-
-def compute_surprise(memory, keys, values):
-    return (memory.retrieve(keys) - values).pow(2).mean(1).sum(-1)  # (S,)
 
 
 def apply_update(memory, grads, surprise):

@@ -18,9 +18,15 @@ from torch import nn
 DEFAULTS = {"alpha": 0.999, "eta": 0.9, "theta": 0.01}
 
 
-def init_memory_state(memory, emb_dim):
+def register_projections(memory, emb_dim, learnable=False):
+    """The key and value maps K, V: Linear(d, d, bias=False), Xavier-uniform initialised."""
     for name in ("key_proj", "value_proj"):
-        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)))
+        memory.register_state(name, nn.init.xavier_uniform_(torch.empty(emb_dim, emb_dim)),
+                              learnable=learnable)
+
+
+def init_memory_state(memory, emb_dim):
+    register_projections(memory, emb_dim)
     # one momentum entry per fast weight, kept flat like memory.fast_weights (S, n_weights)
     memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
 
