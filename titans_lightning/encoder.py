@@ -157,7 +157,8 @@ class EncoderLayer(nn.Module):
         h = self.nhead
         attn = self.self_attn
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
-        q, k, v = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (N, h, L, d/h) each
+        qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).contiguous()
+        q, k, v = qkv  # (N, h, L, d/h) each, contiguous for the batched products
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d // h))
         weights = dropout(torch.softmax(scores, dim=-1), self.p, self.training)  # (N, h, L, L)
         out = torch.matmul(weights, v).transpose(1, 2).reshape(N, L, d)  # (N, L, d)

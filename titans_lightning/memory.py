@@ -239,20 +239,14 @@ class NeuralMemory(nn.Module):
             setattr(self.strategy_state, name, torch.where(keep, new, old))
 
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
-        skipped = ~ok
+        """Count the update and keep what its statistics need; they are computed, for all the
+        updates of a forward at once, only when someone asks (:meth:`pop_history`)."""
         self.num_updates += 1
-        self.skipped_updates += skipped.sum()
+        self.skipped_updates += (~ok).sum()
         gate = self._gate if self._gate is not None else surprise.new_ones(())
-        new = self.fast_weights
-        with torch.no_grad():
-            self.history.append({
-                "surprise": surprise.detach(),
-                "grad_norm": grads.norm(dim=1),
-                "update_norm": (new - old).norm(dim=1),
-                "weight_norm": new.norm(dim=1),
-                "gate_rate": gate.to(surprise.dtype).expand_as(surprise).masked_fill(skipped, 0.0),
-                "skipped": skipped.to(surprise.dtype),
-            })
+        self.history.append({"surprise": surprise.detach(), "grads": grads.detach(),
+                             "old": old.detach(), "new": self.fast_weights.detach(),
+                             "ok": ok, "gate": gate.detach()})
 
     # -- bookkeeping -------------------------------------------------------------------------
     def pop_history(self) -> dict[str, Tensor]:
@@ -260,7 +254,20 @@ class NeuralMemory(nn.Module):
         history, self.history = self.history, []
         if not history:
             return {}
-        return {k: torch.stack([h[k].detach() for h in history]) for k in STAT_NAMES}
+        with torch.no_grad():
+            surprise = torch.stack([h["surprise"] for h in history])  # (U, S)
+            new = torch.stack([h["new"] for h in history])  # (U, S, n_weights)
+            skipped = ~torch.stack([h["ok"] for h in history])  # (U, S)
+            gate = torch.stack([h["gate"].to(surprise.dtype).expand_as(h["surprise"])
+                                for h in history])
+            return {
+                "surprise": surprise,
+                "grad_norm": torch.stack([h["grads"] for h in history]).norm(dim=-1),
+                "update_norm": (new - torch.stack([h["old"] for h in history])).norm(dim=-1),
+                "weight_norm": new.norm(dim=-1),
+                "gate_rate": gate.masked_fill(skipped, 0.0),
+                "skipped": skipped.to(surprise.dtype),
+            }
 
     def warn_if_skipped(self) -> int:
         """Warn once if updates were skipped since construction (one host sync); return count."""

@@ -257,7 +257,7 @@ def _check_finite(memory: Any, where: str) -> None:
     history = memory.history  # one entry per update; the slot count changes along the probe
     if not all(torch.isfinite(h["surprise"]).all() for h in history):
         name, what = "compute_surprise", "a non-finite surprise"
-    elif not all(torch.isfinite(h["grad_norm"]).all() for h in history):
+    elif not all(torch.isfinite(h["grads"]).all() for h in history):
         name, what = "compute_surprise", "a surprise with a non-finite gradient"
     else:
         name, what = "apply_update", "non-finite weights"

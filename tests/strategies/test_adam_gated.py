@@ -26,7 +26,7 @@ def test_gate_closes_on_familiar_chunks_and_opens_on_a_surprising_one():
         memory.update(familiar)
     before_weights, before_state = memory.fast_weights.clone(), snapshot(memory)
     memory.update(familiar)
-    gates = [float(h["gate_rate"]) for h in memory.history]
+    gates = memory.pop_history()["gate_rate"].flatten().tolist()
     assert gates == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # warm-up, then nothing new
     # closed: no step, no retention, moments and step count untouched; statistics still move
     assert torch.equal(memory.fast_weights, before_weights)
@@ -39,7 +39,7 @@ def test_gate_closes_on_familiar_chunks_and_opens_on_a_surprising_one():
     surprising = 10 * torch.randn(1, 6, 4, generator=g)
     surprise = memory.update(surprising)
     assert float(surprise) > float(before_state["surprise_mean"]) * 10
-    assert float(memory.history[-1]["gate_rate"]) == 1.0
+    assert memory.pop_history()["gate_rate"].flatten().tolist() == [1.0]
     assert not torch.equal(memory.fast_weights, before_weights)
     assert float(memory.state["step"]) == 4.0
     assert int(memory.skipped_updates) == 0
