@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from titans_lightning import MACTitan
+from titans_lightning.results import git_commit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BENCHMARKS = {"sinwave": ("sinwave", 16), "weather": ("weather", 16), "sinwave_long": ("sinwave", 32)}
@@ -29,6 +30,11 @@ def load(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     arr = torch.from_numpy(np.load(DATA / name / f"{split}.npy")).float()
     inputs = arr if arr.shape[-1] == 1 else arr[..., :-1]
     return inputs, arr[..., -1:]
+
+
+def describe_device() -> str:
+    import platform
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 def run_epoch(model, inputs, targets, C, optimizer=None, order=None) -> float:
@@ -79,7 +85,8 @@ def main() -> None:
                      strategy=args.strategy, strategy_options=json.loads(args.options),
                      memory_scope=args.scope, mac_order=args.order)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    record = {**vars(args), "epochs_done": [], "finished": False}
+    record = {**vars(args), "commit": git_commit(), "device": describe_device(),
+              "epochs_done": [], "finished": False}
     best = (float("inf"), None, None)
     start = time.time()
     for epoch in range(args.epochs):
