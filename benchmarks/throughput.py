@@ -1,10 +1,13 @@
 """Seconds per batch of the benchmark MACTitan (batch 4, 500 steps, sinwave shapes).
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
+                                    [--library-encoder]
 
 Times training batches (dropout on, forward + backward + Adam step) and evaluation batches
 (eval mode, no outer gradient; the memory still learns) for context windows 16 and 32, and
 prints the median of each; the last line is one JSON object with the four figures.
+``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
+straightforward implementation) for comparison.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from titans_lightning import MACTitan
+from titans_lightning import model as mac_model
 
 
 def _sync(device: torch.device) -> None:
@@ -51,7 +56,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--library-encoder", action="store_true",
+                        help="use nn.TransformerEncoderLayer instead of the package's layer")
     args = parser.parse_args()
+    if args.library_encoder:
+        mac_model.EncoderLayer = lambda d, h, f, p: torch.nn.TransformerEncoderLayer(
+            d, h, f, p, activation=F.silu, batch_first=True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
