@@ -32,9 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .strategy import load_strategy
-
-USER_MODULE_PREFIX = "titans_user_strategy_"  # how strategy.py names modules loaded from files
+from .strategy import USER_MODULE_PREFIX, load_strategy
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
 
@@ -291,8 +289,7 @@ class NeuralMemory(nn.Module):
 
     def __getstate__(self):
         """Pickle the strategy as its spec (modules do not pickle; spawned processes reload)."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = dict(self.__dict__)
         state["strategy"] = None
         return state
 

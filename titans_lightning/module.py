@@ -118,11 +118,16 @@ class TitansForecaster(L.LightningModule):
         return self.model(inputs)
 
     # -- steps ----------------------------------------------------------------------------------
-    def shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Run the model (its memory learns as it goes); return the scored (preds, targets)."""
+    def run_model(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Run the model (its memory learns as it goes) and keep the memory's statistics."""
         preds, valid = self.model(batch["inputs"])  # (B, T, O), (T,)
         self.collect_memory_stats()
-        return scored_pairs(preds, batch["targets"], valid)  # (B, n, O) each
+        return preds, valid
+
+    def shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Run the model; return the scored (preds, targets), (B, n, O) each."""
+        preds, valid = self.run_model(batch)
+        return scored_pairs(preds, batch["targets"], valid)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         preds, targets = self.shared_step(batch)
@@ -139,8 +144,7 @@ class TitansForecaster(L.LightningModule):
 
     def evaluate(self, split: str, batch: dict[str, Tensor]) -> None:
         if self.hparams.eval_protocol == "reference":
-            preds, _ = self.model(batch["inputs"])  # (B, T, O), 0 where no window exists
-            self.collect_memory_stats()
+            preds, _ = self.run_model(batch)  # (B, T, O), 0 where no window exists
             preds = preds[:, REFERENCE_FIRST_SCORED:-1].contiguous()
             targets = batch["targets"][:, REFERENCE_FIRST_SCORED + 1:].contiguous()
         else:
@@ -151,8 +155,7 @@ class TitansForecaster(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Raw outputs: ``preds[:, t]`` forecasts ``targets[:, t+1]``; ``valid`` (T,) marks t."""
-        preds, valid = self.model(batch["inputs"])
-        self.collect_memory_stats()
+        preds, valid = self.run_model(batch)
         return {"index": batch["index"], "preds": preds, "targets": batch["targets"],
                 "valid": valid}
 

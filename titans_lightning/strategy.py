@@ -69,6 +69,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
     "apply_update": ("memory", "grads", "surprise"),
 }
 
+USER_MODULE_PREFIX = "titans_user_strategy_"  # module names of strategies loaded from files
 PROBE_DIM, PROBE_HIDDEN, PROBE_ROWS = 4, 8, 3
 PROBE = (f"a throwaway NeuralMemory(dim={PROBE_DIM}, hidden={PROBE_HIDDEN}) updated twice with "
          f"a random (1, {PROBE_ROWS}, {PROBE_DIM}) chunk, then once with two slots, "
@@ -307,7 +308,7 @@ def _load_file(path: Path) -> ModuleType:
             f"memory strategy file {str(path)!r} not found (resolved to {path.resolve()}); "
             "pass a built-in name, a dotted module, or an existing path/to/strategy.py"
         )
-    module_name = f"titans_user_strategy_{abs(hash(str(path.resolve())))}"
+    module_name = f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # registered while it runs, as an import would (dataclasses)
