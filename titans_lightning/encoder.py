@@ -7,8 +7,9 @@ Shape legend
 activation=silu, batch_first=True)`` computes (post-norm, same parameter names, so the two
 load each other's state dicts). On the CPU it differs only in *how*:
 
-* the 2048-wide feed-forward runs in row chunks that stay in cache, and its (N*L, f)
-  activation is recomputed in the backward pass instead of stored;
+* the 2048-wide feed-forward is one fused kernel (:mod:`titans_lightning.fused`) where it
+  applies (float32, d = 16); otherwise it runs in row chunks that stay in cache. Either way its
+  (N*L, f) activation is recomputed in the backward pass instead of stored;
 * dropout draws the positions of the dropped elements directly (geometric gaps between
   drops, the same Bernoulli(p) process as a per-element mask) instead of one random number per
   element, which is what dominated the reference's training time.
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import fused
 
 CHUNK_ROWS = 576  # rows of the (rows, f) feed-forward activation kept in cache at once
 
@@ -136,6 +139,8 @@ def _chunks(M: int, f: int, pos: Tensor):
 class EncoderLayer(nn.Module):
     """Post-norm transformer encoder layer with SiLU feed-forward (batch first)."""
 
+    fused = True  # use the fused CPU feed-forward where it applies (False: the chunked path)
+
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-5):
         super().__init__()
@@ -170,6 +175,8 @@ class EncoderLayer(nn.Module):
         if x.is_cuda:
             h = F.dropout(F.silu(self.linear1(x)), p, self.training)
             return self.linear2(h)
-        out = _FeedForward.apply(x.reshape(N * L, d), self.linear1.weight, self.linear1.bias,
-                                 self.linear2.weight, self.linear2.bias, p)
-        return out.view(N, L, d)
+        rows = x.reshape(N * L, d)
+        params = (self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        if self.fused and fused.supports(x, self.linear1.out_features):
+            return fused.feed_forward(rows, *params, p).view(N, L, d)
+        return _FeedForward.apply(rows, *params, p).view(N, L, d)

@@ -1,0 +1,164 @@
+"""The fused CPU feed-forward computes linear2(dropout(silu(linear1(x)))) and its gradients."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_lightning import encoder as enc
+from titans_lightning import fused
+
+pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C++ compiler for the kernel")
+
+
+def weights(f=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w1, b1 = torch.randn(f, 16, generator=g) * 0.3, torch.randn(f, generator=g) * 0.3
+    w2, b2 = torch.randn(16, f, generator=g) * 0.1, torch.randn(16, generator=g)
+    return [t.requires_grad_(True) for t in (w1, b1, w2, b2)]
+
+
+def explicit(x, w1, b1, w2, b2, keep, p):
+    """The same function with a dense 0/1 mask, in float64."""
+    h = F.silu(F.linear(x.double(), w1.double(), b1.double())) * keep.double() / (1.0 - p)
+    return F.linear(h, w2.double(), b2.double())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13, 24, 100])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_forward_and_backward_equal_the_explicit_mask(rows, p):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 16, requires_grad=True)
+    params = weights(f=96)
+    seed = 12345 + rows
+    out = fused._FusedFeedForward.apply(x, *params, p, seed)
+    keep = fused.keep_mask(seed, p, rows, 96) if p > 0 else torch.ones(rows, 96, dtype=torch.bool)
+    ref = explicit(x, *params, keep, p)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(rows, 16)
+    got = torch.autograd.grad(out, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_keep_mask_is_a_bernoulli_process():
+    p, rows, f = 0.1, 2000, 2048
+    keep = fused.keep_mask(7, p, rows, f)
+    n = keep.numel()
+    dropped = (~keep).double()
+    rate = dropped.mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # neighbours along a row, along a column and at the vector-lane boundary are independent
+    for a, b in [(dropped[:, 1:], dropped[:, :-1]), (dropped[1:], dropped[:-1]),
+                 (dropped[:, 16::16], dropped[:, 15:-1:16])]:
+        both = (a * b).mean().item()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / a.numel())
+    # each row's and each unit's drop count has the binomial spread (no row or lane is special)
+    for counts, trials in [(dropped.sum(1), f), (dropped.sum(0), rows)]:
+        var = counts.var().item()
+        assert 0.8 < var / (trials * p * (1 - p)) < 1.2
+
+
+def test_keep_mask_follows_the_seed():
+    a, b = fused.keep_mask(1, 0.3, 40, 64), fused.keep_mask(1, 0.3, 40, 64)
+    c = fused.keep_mask(2, 0.3, 40, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # rows draw differently
+    assert fused.keep_mask(3, 0.0, 10, 32).all()
+
+
+def test_dropout_draws_from_the_torch_generator():
+    x = torch.randn(30, 16)
+    params = weights()
+    torch.manual_seed(5)
+    a = fused.feed_forward(x, *params, 0.2)
+    b = fused.feed_forward(x, *params, 0.2)
+    torch.manual_seed(5)
+    assert torch.equal(fused.feed_forward(x, *params, 0.2), a) and not torch.equal(a, b)
+
+
+def test_same_result_on_one_and_two_threads():
+    x = torch.randn(300, 16, requires_grad=True)
+    params = weights(f=128)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = fused._FusedFeedForward.apply(x, *params, 0.1, 99)
+            results.append((out, torch.autograd.grad(out.sum(), [x, *params])))
+    finally:
+        torch.set_num_threads(before)
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)  # each row is computed by one thread, whatever the split
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_input_stays_in_its_row():
+    x = torch.randn(20, 16)
+    x[3, 5] = float("nan")
+    x[7, 0] = float("inf")
+    out = fused.feed_forward(x, *weights(), 0.0)
+    bad = ~torch.isfinite(out).all(1)
+    assert bad[3] and bad.sum() <= 2 and torch.isfinite(out[[0, 1, 2, 4, 5, 6]]).all()
+
+
+def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(16, 2, 256, 0.1, activation=F.silu, batch_first=True)
+    mine = enc.EncoderLayer(16, 2, 256, 0.1)
+    mine.load_state_dict(ref.state_dict())
+    ref.eval(), mine.eval()
+    x = torch.randn(6, 20, 16, requires_grad=True)
+    assert fused.supports(x, 256)
+    a, b = ref(x), mine(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *ref.parameters()], g)
+    gb = torch.autograd.grad(b, [x, *mine.parameters()], g)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+
+
+def test_training_layer_drops_at_rate_p_in_the_feed_forward():
+    """The kernel's dropout in a training layer: outputs differ per call, match in expectation."""
+    torch.manual_seed(0)
+    layer = enc.EncoderLayer(16, 2, 512, 0.1)
+    x = torch.randn(4000, 16)
+    params = (layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    with torch.no_grad():
+        dense = fused.feed_forward(x, *params, 0.0)
+        runs = torch.stack([fused.feed_forward(x, *params, 0.1) for _ in range(20)])
+    assert not torch.equal(runs[0], runs[1])
+    # inverted dropout keeps the mean: the average over draws approaches the dense output
+    err = (runs.mean(0) - dense).abs().mean() / dense.abs().mean()
+    single = (runs[0] - dense).abs().mean() / dense.abs().mean()
+    assert err < single / 3
+
+
+def test_unavailable_kernel_falls_back_to_the_pytorch_path(monkeypatch, tmp_path):
+    fused.library.cache_clear()
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TITANS_LIGHTNING_CACHE", str(tmp_path))
+    try:
+        with pytest.warns(RuntimeWarning, match="fused CPU feed-forward is unavailable"):
+            assert fused.library() is None
+        layer = enc.EncoderLayer(16, 2, 64, 0.1).eval()
+        x = torch.randn(3, 5, 16)
+        assert not fused.supports(x, 64)
+        assert layer(x).shape == (3, 5, 16)
+        fused.library.cache_clear()
+        monkeypatch.setenv("TITANS_LIGHTNING_FUSED", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.library() is None
+    finally:
+        fused.library.cache_clear()
+
+
+def test_bad_dropout_probability_is_rejected():
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        fused.feed_forward(torch.randn(2, 16), *weights(), 1.0)

@@ -1,0 +1,361 @@
+// The MAC encoder layer's feed-forward, fused, for the CPU:
+//
+//     out = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T        x: (M, D) rows, hidden width f
+//
+// The (M, f) hidden activation is never written to memory: each 16-wide slice of it lives in
+// registers between the two matrix products, and the backward pass recomputes it. Dropout keeps
+// hidden element (r, j) unless hash(seed, r, j) < threshold, a counter-based draw, so the
+// backward pass regenerates the same mask from the seed instead of storing it.
+//
+// Shape legend: M rows, D = 16 row width, f hidden width (a multiple of 16), V = 16 lanes.
+// Built by titans_lightning/fused.py with the machine's own vector instructions; plain C++ with
+// GCC/Clang vector types and OpenMP, no other library.
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+constexpr int D = 16;         // row width (the model's hidden_dim)
+constexpr int V = 16;         // lanes per vector: hidden units handled together
+#ifndef TITANS_ROWS
+#define TITANS_ROWS 12
+#endif
+#ifndef TITANS_JB
+#define TITANS_JB 256
+#endif
+constexpr int R = TITANS_ROWS;  // rows per register block
+constexpr int64_t JB = TITANS_JB;  // hidden units per cache block (weights of a block stay in L1)
+constexpr int MAX_THREADS = 64;
+
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef int32_t vi __attribute__((vector_size(V * 4)));
+typedef uint32_t vu __attribute__((vector_size(V * 4)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float s) { return vf{} + s; }
+
+#if defined(__AVX512F__)
+// sigmoid(a) = 1 / (1 + exp(-a)). exp is Cephes' single-precision polynomial (about 1 ulp) with
+// the 2^n scaling done by vscalefps; a is clamped at -88 so 1 + exp(-a) stays finite (the
+// caller multiplies by a itself, which carries a NaN through). The 14-bit reciprocal estimate
+// and one Newton step replace a division, which is slow on wide vectors.
+inline vf sigmoid(vf a) {
+  const __m512 x = _mm512_max_ps((__m512)a, _mm512_set1_ps(-88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693359375f), x);  // -x - n ln2, in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(y, n), _mm512_set1_ps(1.0f));  // 1 + exp(-x)
+  const __m512 e = _mm512_rcp14_ps(d);
+  return (vf)_mm512_fmadd_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(1.0f)), e);
+}
+#else
+// exp(x), Cephes' single-precision polynomial (about 1 ulp); x is clamped to [-87.3, 88] so
+// that 2^n stays a normal float. NaN does not survive the clamp: callers multiply by their
+// own input afterwards, which carries a NaN through.
+inline vf exp_(vf x) {
+  const vf hi = splat(88.0f), lo = splat(-87.33654475f), magic = splat(12582912.0f);  // 1.5 * 2^23
+  x = x < hi ? x : hi;
+  x = x > lo ? x : lo;
+  vf n = x * 1.44269504088896341f + magic;  // round(x / ln 2) in the low mantissa bits
+  vi ni = (vi)n - (vi)magic;
+  n = n - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  return y * (vf)((ni + 127) << 23);
+}
+
+inline vf sigmoid(vf a) { return 1.0f / (1.0f + exp_(-a)); }
+#endif
+
+// Dropout draws: a 64-bit mix of (seed, row) keys each row; the lowbias32 integer hash of
+// key ^ (j * golden) gives 32 uniform bits per hidden unit j.
+inline uint32_t row_key(uint64_t seed, int64_t r) {
+  uint64_t z = seed + static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+
+inline vu lane_golden() {
+  vu v;
+  for (int i = 0; i < V; ++i) v[i] = static_cast<uint32_t>(i) * 0x9E3779B9u;
+  return v;
+}
+
+inline vu hash32(vu h) {
+  h ^= h >> 16;
+  h *= 0x21f0aaadu;
+  h ^= h >> 15;
+  h *= 0x735a2d97u;
+  h ^= h >> 15;
+  return h;
+}
+
+struct Problem {
+  const float *x, *g;                    // (M, D) inputs and, backward, output gradients
+  const float *w1, *w1t, *b1, *w2, *w2t, *b2;  // (f, D), (D, f), (f), (D, f), (f, D), (D)
+  float *out, *gx;                       // (M, D)
+  float *gw1t, *gb1, *gw2;               // per-thread partial sums, (T, D, f) (T, f) (T, D, f)
+  int64_t M, f;
+  uint64_t seed;
+  uint32_t threshold;                    // drop when hash < threshold; 0 means no dropout
+  float scale;                           // 1 / (1 - p)
+};
+
+inline vu keep_mask(const Problem& P, uint32_t key, int64_t j, vu golden) {
+  vu h = hash32((golden + static_cast<uint32_t>(j) * 0x9E3779B9u) ^ key);
+  return (vu)(h >= P.threshold);
+}
+
+// a[i] = b1 + x_i @ w1.T for hidden units j..j+V of N rows (each weight vector loaded once).
+template <int N>
+inline void pre_activations(const Problem& P, const float* x, int64_t j, vf* a) {
+  const vf b = load(P.b1 + j);
+  for (int i = 0; i < N; ++i) a[i] = b;
+  for (int k = 0; k < D; ++k) {
+    const vf w = load(P.w1t + k * P.f + j);
+    for (int i = 0; i < N; ++i) a[i] += x[i * D + k] * w;
+  }
+}
+
+// One register block: N rows starting at rb, hidden units j0..j1, accumulated into out.
+template <int N>
+void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu golden) {
+  alignas(64) float sd[N][V];  // the dropped, scaled activations
+  const float* x = P.x + rb * D;
+  vf acc[N], a[N];
+  uint32_t key[N];
+  for (int i = 0; i < N; ++i) {
+    acc[i] = load(P.out + (rb + i) * D);
+    key[i] = row_key(P.seed, rb + i);
+  }
+  for (int64_t j = j0; j < j1; j += V) {
+    pre_activations<N>(P, x, j, a);
+    for (int i = 0; i < N; ++i) {
+      vf s = a[i] * sigmoid(a[i]);
+      if (P.threshold) s = keep_mask(P, key[i], j, golden) ? s * P.scale : vf{};
+      store(sd[i], s);
+    }
+    for (int jj = 0; jj < V; ++jj) {
+      const vf w = load(P.w2t + (j + jj) * D);
+      for (int i = 0; i < N; ++i) acc[i] += sd[i][jj] * w;
+    }
+  }
+  for (int i = 0; i < N; ++i) store(P.out + (rb + i) * D, acc[i]);
+}
+
+template <int N>
+void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu golden,
+                    float* gw1t, float* gb1, float* gw2) {
+  alignas(64) float da_lanes[N][V];
+  const float* x = P.x + rb * D;
+  const float* g = P.g + rb * D;
+  vf gx[N], a[N], ds[N];
+  uint32_t key[N];
+  for (int i = 0; i < N; ++i) {
+    gx[i] = load(P.gx + (rb + i) * D);
+    key[i] = row_key(P.seed, rb + i);
+  }
+  for (int64_t j = j0; j < j1; j += V) {
+    pre_activations<N>(P, x, j, a);
+    for (int i = 0; i < N; ++i) ds[i] = vf{};  // gradient reaching the dropped activation
+    for (int k = 0; k < D; ++k) {
+      const vf w = load(P.w2 + k * P.f + j);
+      for (int i = 0; i < N; ++i) ds[i] += g[i * D + k] * w;
+    }
+    vf gb = load(gb1 + j);
+    for (int i = 0; i < N; ++i) {  // a[i] becomes the activation, ds[i] the pre-activation grad
+      const vf sig = sigmoid(a[i]);
+      vf s = a[i] * sig;
+      vf d = ds[i] * sig * (1.0f + a[i] * (1.0f - sig));  // through silu
+      if (P.threshold) {
+        const vu keep = keep_mask(P, key[i], j, golden);
+        s = keep ? s * P.scale : vf{};
+        d = keep ? d * P.scale : vf{};
+      }
+      a[i] = s;
+      ds[i] = d;
+      store(da_lanes[i], d);
+      gb += d;
+    }
+    store(gb1 + j, gb);
+    for (int k = 0; k < D; ++k) {
+      vf w2acc = load(gw2 + k * P.f + j), w1acc = load(gw1t + k * P.f + j);
+      for (int i = 0; i < N; ++i) {
+        w2acc += g[i * D + k] * a[i];
+        w1acc += x[i * D + k] * ds[i];
+      }
+      store(gw2 + k * P.f + j, w2acc);
+      store(gw1t + k * P.f + j, w1acc);
+    }
+    for (int jj = 0; jj < V; ++jj) {
+      const vf w = load(P.w1 + (j + jj) * D);
+      for (int i = 0; i < N; ++i) gx[i] += da_lanes[i][jj] * w;
+    }
+  }
+  for (int i = 0; i < N; ++i) store(P.gx + (rb + i) * D, gx[i]);
+}
+
+// Block<n>::run for a block of n < N rows (n known only at run time).
+template <template <int> class Block, int N, typename... Args>
+void run_partial(int n, int64_t rb, Args... args) {
+  if constexpr (N > 1) {
+    if (n == N - 1) Block<N - 1>::run(rb, args...);
+    else run_partial<Block, N - 1>(n, rb, args...);
+  }
+}
+
+// Calls Block<R>::run for each full block of R rows, then once for the remaining rows.
+template <template <int> class Block, typename... Args>
+void over_blocks(int64_t r0, int64_t r1, Args... args) {
+  int64_t rb = r0;
+  for (; rb + R <= r1; rb += R) Block<R>::run(rb, args...);
+  if (rb < r1) run_partial<Block, R>(static_cast<int>(r1 - rb), rb, args...);
+}
+
+template <int N>
+struct Forward {
+  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1, vu golden) {
+    forward_block<N>(*P, rb, j0, j1, golden);
+  }
+};
+
+template <int N>
+struct Backward {
+  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1, vu golden, float* gw1t,
+                  float* gb1, float* gw2) {
+    backward_block<N>(*P, rb, j0, j1, golden, gw1t, gb1, gw2);
+  }
+};
+
+void forward_rows(const Problem& P, int64_t r0, int64_t r1, int /*tid*/) {
+  const vu golden = lane_golden();
+  for (int64_t r = r0; r < r1; ++r) store(P.out + r * D, load(P.b2));
+  for (int64_t j0 = 0; j0 < P.f; j0 += JB) {
+    const int64_t j1 = j0 + JB < P.f ? j0 + JB : P.f;
+    over_blocks<Forward>(r0, r1, &P, j0, j1, golden);
+  }
+}
+
+void backward_rows(const Problem& P, int64_t r0, int64_t r1, int tid) {
+  const vu golden = lane_golden();
+  float* gw1t = P.gw1t + tid * D * P.f;
+  float* gw2 = P.gw2 + tid * D * P.f;
+  float* gb1 = P.gb1 + tid * P.f;
+  for (int64_t r = r0; r < r1; ++r) store(P.gx + r * D, vf{});
+  for (int64_t j0 = 0; j0 < P.f; j0 += JB) {
+    const int64_t j1 = j0 + JB < P.f ? j0 + JB : P.f;
+    over_blocks<Backward>(r0, r1, &P, j0, j1, golden, gw1t, gb1, gw2);
+  }
+}
+
+// Splits the rows over up to `threads` threads of the OpenMP pool (the one PyTorch's own CPU
+// operators use, so the two never compete for cores); returns how many thread slots were used.
+int parallel_rows(void (*fn)(const Problem&, int64_t, int64_t, int), const Problem& P,
+                  int threads) {
+  int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+  while (T > 1 && P.M < static_cast<int64_t>(T) * R * 4) --T;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    const int64_t per = (P.M + n - 1) / n;
+    const int64_t r0 = t * per < P.M ? t * per : P.M, r1 = r0 + per < P.M ? r0 + per : P.M;
+    fn(P, r0, r1, t);
+  }
+#else
+  fn(P, 0, P.M, 0);
+  T = 1;
+#endif
+  return T;
+}
+
+}  // namespace
+
+extern "C" {
+
+int titans_ffn_lanes() { return V; }
+
+// The dropout decisions the kernels make, keep (M, f) as 0/1 bytes: for tests and inspection.
+void titans_ffn_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f, uint8_t* keep) {
+  Problem P{};
+  P.threshold = threshold;
+  const vu golden = lane_golden();
+  for (int64_t r = 0; r < M; ++r) {
+    const uint32_t key = row_key(seed, r);
+    for (int64_t j = 0; j < f; j += V) {
+      const vu k = keep_mask(P, key, j, golden);
+      for (int l = 0; l < V; ++l) keep[r * f + j + l] = k[l] ? 1 : 0;
+    }
+  }
+}
+
+// out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T.
+void titans_ffn_forward(const float* x, int64_t M, const float* w1t, const float* b1,
+                        const float* w2t, const float* b2, int64_t f, uint64_t seed,
+                        uint32_t threshold, float scale, float* out, int threads) {
+  Problem P{};
+  P.x = x; P.w1t = w1t; P.b1 = b1; P.w2t = w2t; P.b2 = b2; P.out = out;
+  P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
+  parallel_rows(forward_rows, P, threads);
+}
+
+// Gradients of the forward above given g = d loss / d out (M, D). gw1 comes out transposed,
+// (D, f). gb2 is g summed over rows, left to the caller. Returns 0, or 1 if out of memory.
+int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float* w1t,
+                        const float* b1, const float* w2, int64_t f, const float* g,
+                        uint64_t seed, uint32_t threshold, float scale, float* gx, float* gw1t,
+                        float* gb1, float* gw2, int threads) {
+  Problem P{};
+  P.x = x; P.g = g; P.w1 = w1; P.w1t = w1t; P.b1 = b1; P.w2 = w2; P.gx = gx;
+  P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
+  int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+  const int64_t per_thread = 2 * D * f + f;
+  float* partial = static_cast<float*>(std::calloc(static_cast<size_t>(T * per_thread), sizeof(float)));
+  if (!partial) return 1;
+  P.gw1t = partial;
+  P.gw2 = partial + T * D * f;
+  P.gb1 = partial + 2 * T * D * f;
+  const int used = parallel_rows(backward_rows, P, T);
+  for (int64_t i = 0; i < D * f; ++i) {
+    float s1 = 0.0f, s2 = 0.0f;
+    for (int t = 0; t < used; ++t) { s1 += P.gw1t[t * D * f + i]; s2 += P.gw2[t * D * f + i]; }
+    gw1t[i] = s1;
+    gw2[i] = s2;
+  }
+  for (int64_t i = 0; i < f; ++i) {
+    float s = 0.0f;
+    for (int t = 0; t < used; ++t) s += P.gb1[t * f + i];
+    gb1[i] = s;
+  }
+  std::free(partial);
+  return 0;
+}
+
+}  // extern "C"
