@@ -1,13 +1,14 @@
 """Seconds per batch of the benchmark MACTitan (batch 4, 500 steps, sinwave shapes).
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
-                                    [--library-encoder]
+                                    [--library-encoder | --no-fused]
 
 Times training batches (dropout on, forward + backward + Adam step) and evaluation batches
 (eval mode, no outer gradient; the memory still learns) for context windows 16 and 32, and
 prints the median of each; the last line is one JSON object with the four figures.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
-straightforward implementation) for comparison.
+straightforward implementation) for comparison; ``--no-fused`` keeps the package's layer but
+runs its feed-forward on the plain PyTorch path instead of the fused kernel.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from titans_lightning import MACTitan
+from titans_lightning import MACTitan, fused
 from titans_lightning import model as mac_model
 
 
@@ -58,11 +59,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--library-encoder", action="store_true",
                         help="use nn.TransformerEncoderLayer instead of the package's layer")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="feed-forward on the PyTorch path, not the fused CPU kernel")
     args = parser.parse_args()
+    mac_model.EncoderLayer.fused = not args.no_fused
     if args.library_encoder:
         mac_model.EncoderLayer = lambda d, h, f, p: torch.nn.TransformerEncoderLayer(
             d, h, f, p, activation=F.silu, batch_first=True)
     torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.no_fused and not args.library_encoder:
+        print(f"fused feed-forward kernel: {'on' if fused.library() else 'unavailable'}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None].to(device)  # (4, 500, 1)

@@ -7,8 +7,8 @@ Shape legend
 (M, d), forward and backward, without ever writing the (M, f) activation to memory: each slice of
 it lives in vector registers between the two matrix products, and the backward pass recomputes
 it. Dropout is the same Bernoulli(p) process as ``F.dropout``; the draws come from a
-counter-based hash of (seed, row, unit), so the backward pass regenerates the mask from the seed
-(drawn from torch's generator, so ``torch.manual_seed`` makes runs reproducible).
+counter-based hash of (seed, row, unit), the seed from torch's generator (``torch.manual_seed``
+makes runs reproducible); the forward pass keeps the decisions as bits for the backward pass.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX`` or ``c++``) for its
 own vector instructions and cached (``$TITANS_LIGHTNING_CACHE``, default
@@ -69,25 +69,29 @@ class _FusedFeedForward(torch.autograd.Function):
         M, f = x.shape[0], w1.shape[0]
         out = x.new_empty(M, ROW_WIDTH)
         w1t, w2t = w1.t().contiguous(), w2.t().contiguous()  # (d, f), (f, d)
+        # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
+        bits = x.new_empty((M, f // 16) if p > 0.0 else (0,), dtype=torch.int16)
         library().titans_ffn_forward(x.data_ptr(), M, w1t.data_ptr(), b1.data_ptr(), w2t.data_ptr(),
                                      b2.data_ptr(), f, seed, _threshold(p), _scale(p),
-                                     out.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(x, w1, w1t, b1, w2)
+                                     bits.data_ptr() if p > 0.0 else None, out.data_ptr(),
+                                     torch.get_num_threads())
+        ctx.save_for_backward(x, w1, w1t, b1, w2, bits)
         ctx.p, ctx.seed = p, seed
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, w1, w1t, b1, w2 = ctx.saved_tensors
+        x, w1, w1t, b1, w2, bits = ctx.saved_tensors
         g = g.contiguous()
         M, f = x.shape[0], w1.shape[0]
         gx, gw1t, gb1, gw2 = (x.new_empty(M, ROW_WIDTH), torch.empty_like(w1t),
                               torch.empty_like(b1), torch.empty_like(w2))
         failed = library().titans_ffn_backward(
             x.data_ptr(), M, w1.data_ptr(), w1t.data_ptr(), b1.data_ptr(), w2.data_ptr(), f,
-            g.data_ptr(), ctx.seed, _threshold(ctx.p), _scale(ctx.p), gx.data_ptr(),
-            gw1t.data_ptr(), gb1.data_ptr(), gw2.data_ptr(), torch.get_num_threads())
+            g.data_ptr(), ctx.seed, _threshold(ctx.p), bits.data_ptr() if ctx.p > 0.0 else None,
+            _scale(ctx.p), gx.data_ptr(), gw1t.data_ptr(), gb1.data_ptr(), gw2.data_ptr(),
+            torch.get_num_threads())
         if failed:
             raise MemoryError("the fused feed-forward's backward pass could not allocate its "
                               "per-thread gradient buffers")
@@ -117,9 +121,9 @@ def library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, ctypes.c_float,
-                                       _P, ctypes.c_int]
+                                       _P, _P, ctypes.c_int]
     lib.titans_ffn_forward.restype = None
-    lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _P, _U64, _U32,
+    lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _P, _U64, _U32, _P,
                                         ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]

@@ -125,12 +125,35 @@ struct Problem {
   int64_t M, f;
   uint64_t seed;
   uint32_t threshold;                    // drop when hash < threshold; 0 means no dropout
+  uint16_t* bits;                        // (M, f / V) keep bits the forward pass leaves for
+                                         // the backward pass (null: draw them again)
   float scale;                           // 1 / (1 - p)
 };
 
 inline vu keep_mask(const Problem& P, uint32_t key, int64_t j, vu golden) {
   vu h = hash32((golden + static_cast<uint32_t>(j) * 0x9E3779B9u) ^ key);
   return (vu)(h >= P.threshold);
+}
+
+// A lane mask (all ones = kept) as 16 bits, and back.
+inline uint16_t to_bits(vu keep) {
+#if defined(__AVX512F__)
+  return static_cast<uint16_t>(_mm512_movepi32_mask((__m512i)keep));
+#else
+  uint16_t bits = 0;
+  for (int l = 0; l < V; ++l) bits |= static_cast<uint16_t>((keep[l] & 1u) << l);
+  return bits;
+#endif
+}
+
+inline vu from_bits(uint16_t bits) {
+#if defined(__AVX512F__)
+  return (vu)_mm512_movm_epi32(bits);
+#else
+  vu keep;
+  for (int l = 0; l < V; ++l) keep[l] = (bits >> l) & 1u ? ~0u : 0u;
+  return keep;
+#endif
 }
 
 // a[i] = b1 + x_i @ w1.T for hidden units j..j+V of N rows (each weight vector loaded once).
@@ -159,7 +182,11 @@ void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gold
     pre_activations<N>(P, x, j, a);
     for (int i = 0; i < N; ++i) {
       vf s = a[i] * sigmoid(a[i]);
-      if (P.threshold) s = keep_mask(P, key[i], j, golden) ? s * P.scale : vf{};
+      if (P.threshold) {
+        const vu keep = keep_mask(P, key[i], j, golden);
+        if (P.bits) P.bits[(rb + i) * (P.f / V) + j / V] = to_bits(keep);
+        s = keep ? s * P.scale : vf{};
+      }
       store(sd[i], s);
     }
     for (int jj = 0; jj < V; ++jj) {
@@ -195,7 +222,8 @@ void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gol
       vf s = a[i] * sig;
       vf d = ds[i] * sig * (1.0f + a[i] * (1.0f - sig));  // through silu
       if (P.threshold) {
-        const vu keep = keep_mask(P, key[i], j, golden);
+        const vu keep = P.bits ? from_bits(P.bits[(rb + i) * (P.f / V) + j / V])
+                               : keep_mask(P, key[i], j, golden);
         s = keep ? s * P.scale : vf{};
         d = keep ? d * P.scale : vf{};
       }
@@ -317,22 +345,27 @@ void titans_ffn_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f, ui
 }
 
 // out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T.
+// With dropout and `bits` given, the keep decisions are left there for the backward pass.
 void titans_ffn_forward(const float* x, int64_t M, const float* w1t, const float* b1,
                         const float* w2t, const float* b2, int64_t f, uint64_t seed,
-                        uint32_t threshold, float scale, float* out, int threads) {
+                        uint32_t threshold, float scale, uint16_t* bits, float* out,
+                        int threads) {
   Problem P{};
+  P.bits = bits;
   P.x = x; P.w1t = w1t; P.b1 = b1; P.w2t = w2t; P.b2 = b2; P.out = out;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
   parallel_rows(forward_rows, P, threads);
 }
 
-// Gradients of the forward above given g = d loss / d out (M, D). gw1 comes out transposed,
-// (D, f). gb2 is g summed over rows, left to the caller. Returns 0, or 1 if out of memory.
+// Gradients of the forward above given g = d loss / d out (M, D) and the forward's keep bits
+// (or null: drawn again from the seed). gw1 comes out transposed, (D, f). gb2 is g summed over
+// rows, left to the caller. Returns 0, or 1 if out of memory.
 int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float* w1t,
                         const float* b1, const float* w2, int64_t f, const float* g,
-                        uint64_t seed, uint32_t threshold, float scale, float* gx, float* gw1t,
-                        float* gb1, float* gw2, int threads) {
+                        uint64_t seed, uint32_t threshold, const uint16_t* bits, float scale,
+                        float* gx, float* gw1t, float* gb1, float* gw2, int threads) {
   Problem P{};
+  P.bits = const_cast<uint16_t*>(bits);
   P.x = x; P.g = g; P.w1 = w1; P.w1t = w1t; P.b1 = b1; P.w2 = w2; P.gx = gx;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
   int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
