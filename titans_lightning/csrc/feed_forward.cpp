@@ -27,7 +27,7 @@ namespace {
 constexpr int D = 16;         // row width (the model's hidden_dim)
 constexpr int V = 16;         // lanes per vector: hidden units handled together
 #ifndef TITANS_ROWS
-#define TITANS_ROWS 12
+#define TITANS_ROWS 16
 #endif
 #ifndef TITANS_JB
 #define TITANS_JB 256
@@ -203,12 +203,9 @@ void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gol
   alignas(64) float da_lanes[N][V];
   const float* x = P.x + rb * D;
   const float* g = P.g + rb * D;
-  vf gx[N], a[N], ds[N];
+  vf a[N], ds[N];
   uint32_t key[N];
-  for (int i = 0; i < N; ++i) {
-    gx[i] = load(P.gx + (rb + i) * D);
-    key[i] = row_key(P.seed, rb + i);
-  }
+  for (int i = 0; i < N; ++i) key[i] = row_key(P.seed, rb + i);
   for (int64_t j = j0; j < j1; j += V) {
     pre_activations<N>(P, x, j, a);
     for (int i = 0; i < N; ++i) ds[i] = vf{};  // gradient reaching the dropped activation
@@ -242,12 +239,14 @@ void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gol
       store(gw2 + k * P.f + j, w2acc);
       store(gw1t + k * P.f + j, w1acc);
     }
+    vf gx[N];  // through memory: kept in registers across j they would crowd out a and ds
+    for (int i = 0; i < N; ++i) gx[i] = load(P.gx + (rb + i) * D);
     for (int jj = 0; jj < V; ++jj) {
       const vf w = load(P.w1 + (j + jj) * D);
       for (int i = 0; i < N; ++i) gx[i] += da_lanes[i][jj] * w;
     }
+    for (int i = 0; i < N; ++i) store(P.gx + (rb + i) * D, gx[i]);
   }
-  for (int i = 0; i < N; ++i) store(P.gx + (rb + i) * D, gx[i]);
 }
 
 // Block<n>::run for a block of n < N rows (n known only at run time).
