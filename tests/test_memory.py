@@ -198,3 +198,47 @@ def test_memory_pickles_and_deep_copies_with_its_strategy():
         assert clone.strategy is titans_default
         assert torch.equal(clone.update(x), expected)
         assert torch.equal(clone.fast_weights, memory.fast_weights)
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_retrieval_node_has_the_gradients_of_the_plain_mlp(slots):
+    """The two-layer memory's hand-written backward, and its double backward (differentiable
+    rules), equal autograd through the plain MLP; without autograd it is the same function."""
+    from titans_lightning.memory import _TwoLayerMemory
+
+    torch.manual_seed(0)
+    memory = NeuralMemory(dim=4, hidden=6).double()
+    memory.fast_weights = torch.randn(slots, memory.fast_weights.shape[1], dtype=torch.double)
+    q = torch.randn(slots, 5, 4, dtype=torch.double, requires_grad=True)
+    flat = memory.fast_weights.clone().requires_grad_(True)
+    torch.autograd.gradcheck(_TwoLayerMemory.apply, (q, flat))
+    torch.autograd.gradgradcheck(_TwoLayerMemory.apply, (q, flat))
+
+    w = memory.unflatten(flat)
+    h = torch.nn.functional.silu(q @ w["w1"].transpose(1, 2) + w["b1"][:, None])
+    plain = h @ w["w2"].transpose(1, 2) + w["b2"][:, None]
+    torch.testing.assert_close(_TwoLayerMemory.apply(q, flat), plain)
+    with torch.no_grad():
+        torch.testing.assert_close(memory.retrieve(q), plain)
+
+
+def test_flatten_of_unflattened_views_is_the_flat_tensor_and_edits_are_seen():
+    memory = NeuralMemory()
+    flat = torch.randn_like(memory.fast_weights)
+    views = memory.unflatten(flat)
+    assert memory.flatten(views) is flat
+    views["b2"] = views["b2"] * 2  # a rule that replaces an entry gets a fresh, correct copy
+    expected = flat.clone()
+    expected[:, -16:] *= 2
+    assert torch.equal(memory.flatten(views), expected)
+
+
+def test_any_non_finite_entry_marks_only_its_slot():
+    from titans_lightning.memory import _all_finite
+
+    big = torch.full((3, 5), 3e38)  # finite, though their sum would overflow
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[1, 2] = bad
+        assert _all_finite(torch.zeros(3), x).tolist() == [True, False, True]
+        assert _all_finite(torch.tensor([bad, 0.0, 0.0]), big).tolist() == [False, True, True]

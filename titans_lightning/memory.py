@@ -130,11 +130,13 @@ class NeuralMemory(nn.Module):
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """(S, n_weights) -> ``{name: (S, ...)}`` views, in ``weight_names`` order."""
         parts = flat.split(self._sizes, dim=1)
-        return {n: p.view(flat.shape[0], *shape)
-                for n, p, shape in zip(self.weight_names, parts, self._shapes)}
+        return _FlatViews(flat, {n: p.view(flat.shape[0], *shape)
+                                 for n, p, shape in zip(self.weight_names, parts, self._shapes)})
 
     def flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
         """``{name: (S, ...)}`` -> one (S, n_weights) tensor (a rule can then work on it whole)."""
+        if isinstance(weights, _FlatViews) and weights.unchanged():
+            return weights.flat  # the views of one unflatten: no copy
         return torch.cat([weights[n].reshape(weights[n].shape[0], -1)
                           for n in self.weight_names], dim=1)  # (S, n_weights)
 
@@ -161,10 +163,13 @@ class NeuralMemory(nn.Module):
 
     def retrieve(self, q: Tensor) -> Tensor:
         """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d)."""
-        w = self.weights
         if self.num_layers == 1:
+            w = self.weights
             return _linear(q, w["w"], w["b"])
-        return _linear(F.silu(_linear(q, w["w1"], w["b1"])), w["w2"], w["b2"])  # (S, R, d)
+        flat = self.fast_weights
+        if torch.is_grad_enabled() and (q.requires_grad or flat.requires_grad):
+            return _TwoLayerMemory.apply(q, flat)
+        return _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))[0]
 
     # -- strategy state -----------------------------------------------------------------------
     @property
@@ -199,14 +204,13 @@ class NeuralMemory(nn.Module):
                 "the neural memory learns at test time and needs autograd, which inference mode "
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
-        old, old_state = self.fast_weights, dict(self.state.items())
+        old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
         surprise, grads = self._surprise_and_grads(x.detach(), old)
         if self.reduce is not None:
             surprise, grads = self.reduce(surprise, grads, x.shape[1])
         self._gate = None
         new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
-        ok = torch.isfinite(surprise).reshape(self.n_slots, -1).all(1)
-        ok &= torch.isfinite(grads).all(1) & torch.isfinite(new).all(1)  # (S,)
+        ok = _all_finite(surprise.reshape(self.n_slots, -1), grads, new)  # (S,)
         self.fast_weights = torch.where(ok[:, None], new, old)
         self._commit_state(old_state, ok)
         self._record(surprise, grads, old, ok)
@@ -228,23 +232,22 @@ class NeuralMemory(nn.Module):
         return (surprise, grads) if keep_graph else (surprise.detach(), grads)
 
     def _commit_state(self, old_state: dict[str, Tensor], ok: Tensor) -> None:
-        all_ok = ok.all()
         for name, old in old_state.items():
-            new = self.state[name]
+            new = self.strategy_state._buffers[name]
             if new is old:
                 continue
-            keep = _expand(ok, new) if name in self._per_slot else all_ok
+            keep = _expand(ok, new) if name in self._per_slot else ok.all()
             setattr(self.strategy_state, name, torch.where(keep, new, old))
 
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
         """Count the update and keep what its statistics need; they are computed, for all the
         updates of a forward at once, only when someone asks (:meth:`pop_history`)."""
         self.num_updates += 1
-        self.skipped_updates += (~ok).sum()
-        gate = self._gate if self._gate is not None else surprise.new_ones(())
-        self.history.append({"surprise": surprise.detach(), "grads": grads.detach(),
-                             "old": old.detach(), "new": self.fast_weights.detach(),
-                             "ok": ok, "gate": gate.detach()})
+        self.skipped_updates += ok.numel() - ok.sum()
+        gate = None if self._gate is None else _detached(self._gate)  # None: all of the step
+        self.history.append({"surprise": _detached(surprise), "grads": _detached(grads),
+                             "old": _detached(old), "new": _detached(self.fast_weights),
+                             "ok": ok, "gate": gate})
 
     # -- bookkeeping -------------------------------------------------------------------------
     def pop_history(self) -> dict[str, Tensor]:
@@ -256,8 +259,9 @@ class NeuralMemory(nn.Module):
             surprise = torch.stack([h["surprise"] for h in history])  # (U, S)
             new = torch.stack([h["new"] for h in history])  # (U, S, n_weights)
             skipped = ~torch.stack([h["ok"] for h in history])  # (U, S)
-            gate = torch.stack([h["gate"].to(surprise.dtype).expand_as(h["surprise"])
-                                for h in history])
+            ones = surprise.new_ones(())  # ungated updates apply all of their step
+            gate = torch.stack([(ones if h["gate"] is None else h["gate"].to(surprise.dtype))
+                                .expand_as(h["surprise"]) for h in history])
             return {
                 "surprise": surprise,
                 "grad_norm": torch.stack([h["grads"] for h in history]).norm(dim=-1),
@@ -327,11 +331,88 @@ def _portable_spec(spec: Any, strategy: Any) -> Any:
     return strategy  # an object: pickled as itself
 
 
+def _two_layer_weights(flat: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(S, n_weights) -> views w1 (S, h, d), b1 (S, h), w2 (S, d, h), b2 (S, d)."""
+    S, h = flat.shape[0], (flat.shape[1] - d) // (2 * d + 1)
+    hd = h * d
+    return (flat[:, :hd].view(S, h, d), flat[:, hd:hd + h],
+            flat[:, hd + h:2 * hd + h].view(S, d, h), flat[:, 2 * hd + h:])
+
+
+def _two_layer(q: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """``M(q) = silu(q W1^T + b1) W2^T + b2`` per slot -> (out, pre-activation a, silu(a))."""
+    a = torch.baddbmm(b1.unsqueeze(1), q, w1.transpose(1, 2))  # (S, R, h)
+    s = F.silu(a)
+    return torch.baddbmm(b2.unsqueeze(1), s, w2.transpose(1, 2)), a, s  # (S, R, d)
+
+
+class _TwoLayerMemory(torch.autograd.Function):
+    """The two-layer memory on its flat weights, with a hand-written backward.
+
+    Autograd through the composite spends most of an update on bookkeeping (a node, views and
+    copies per weight); this is one node whose backward is four products and two sums. When the
+    backward itself is differentiated (``create_graph``, a differentiable rule), it recomputes
+    the activations from the saved inputs so that the second derivative is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, flat: Tensor) -> Tensor:
+        out, a, s = _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))
+        ctx.save_for_backward(q, flat, a, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        q, flat, a, s = ctx.saved_tensors
+        w1, b1, w2, b2 = _two_layer_weights(flat, q.shape[-1])
+        gs = torch.bmm(g, w2)  # (S, R, h)
+        if torch.is_grad_enabled():  # double backward: a and s must carry their graph
+            _, a, s = _two_layer(q, w1, b1, w2, b2)
+            sig = torch.sigmoid(a)
+            ga = gs * sig * (1 + a * (1 - sig))  # silu'(a) in differentiable operations
+        else:
+            ga = torch.ops.aten.silu_backward(gs, a)  # (S, R, h)
+        gq = torch.bmm(ga, w1) if ctx.needs_input_grad[0] else None  # (S, R, d)
+        gflat = None
+        if ctx.needs_input_grad[1]:
+            gw1 = torch.bmm(ga.transpose(1, 2), q)  # (S, h, d)
+            gw2 = torch.bmm(g.transpose(1, 2), s)  # (S, d, h)
+            gflat = torch.cat([gw1.flatten(1), ga.sum(1), gw2.flatten(1), g.sum(1)], dim=1)
+        return gq, gflat
+
+
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """Per-slot ``x @ w.T + b``: (S, R, i), (S, o, i), (S, o) -> (S, R, o)."""
     if x.shape[0] == 1:  # one shared slot: a plain matrix product is cheaper
         return torch.addmm(b[0], x[0], w[0].T).unsqueeze(0)
     return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+class _FlatViews(dict):
+    """The dict :meth:`NeuralMemory.unflatten` returns: it remembers the flat tensor it views,
+    so that flattening it again (the usual round trip of a rule) costs nothing."""
+
+    def __init__(self, flat: Tensor, views: dict[str, Tensor]):
+        super().__init__(views)
+        self.flat, self._views = flat, tuple(views.values())
+
+    def unchanged(self) -> bool:
+        """Still exactly the views it was made with (a rule may replace entries)."""
+        return len(self) == len(self._views) and all(
+            a is b for a, b in zip(self.values(), self._views))
+
+
+def _all_finite(*flats: Tensor) -> Tensor:
+    """Per slot, whether every entry of the (S, ...) tensors is finite, in four operations:
+    ``x * 0`` is 0 for finite x and NaN for inf or NaN, so a slot's sum is 0 exactly when all
+    its entries are finite (no sum of large values that could overflow)."""
+    with torch.no_grad():
+        return torch.cat([f.reshape(f.shape[0], -1) for f in flats], dim=1).mul_(0).sum(1) == 0
+
+
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:

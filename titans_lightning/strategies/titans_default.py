@@ -32,13 +32,14 @@ def init_memory_state(memory, emb_dim):
 
 
 def compute_keys_values(memory, x):
-    keys = F.normalize(F.silu(x @ memory.state["key_proj"].T), dim=-1)  # (S, R, d)
-    values = F.silu(x @ memory.state["value_proj"].T)  # (S, R, d)
-    return keys, values
+    kv = F.silu(x @ torch.cat([memory.state["key_proj"], memory.state["value_proj"]]).T)
+    keys, values = kv.split(memory.state["key_proj"].shape[0], dim=-1)  # one product for both
+    return F.normalize(keys, dim=-1), values
 
 
 def compute_surprise(memory, keys, values):
-    return (memory.retrieve(keys) - values).pow(2).mean(1).sum(-1)  # (S,)
+    # sum over features of the mean over rows, as one sum (its backward is one expand)
+    return (memory.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
 
 
 def apply_update(memory, grads, surprise):
