@@ -332,19 +332,27 @@ def _portable_spec(spec: Any, strategy: Any) -> Any:
 
 
 def _two_layer_weights(flat: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(S, n_weights) -> views w1 (S, h, d), b1 (S, h), w2 (S, d, h), b2 (S, d)."""
-    S, h = flat.shape[0], (flat.shape[1] - d) // (2 * d + 1)
-    hd = h * d
-    return (flat[:, :hd].view(S, h, d), flat[:, hd:hd + h],
-            flat[:, hd + h:2 * hd + h].view(S, d, h), flat[:, 2 * hd + h:])
+    """Views of the flat weights, per slot ``[W1 (h, d) | b1 (h) | W2 (d, h) | b2 (d)]``, shaped
+    for batched products: W1^T (S, d, h), b1 (S, 1, h), W2^T (S, h, d), b2 (S, 1, d).
+
+    One ``as_strided`` each, where slicing, viewing and transposing would take three operations.
+    """
+    flat = flat.contiguous()
+    S, n = flat.shape
+    h = (n - d) // (2 * d + 1)
+    o = flat.storage_offset()
+    return (flat.as_strided((S, d, h), (n, 1, d), o),
+            flat.as_strided((S, 1, h), (n, h, 1), o + h * d),
+            flat.as_strided((S, h, d), (n, 1, h), o + h * d + h),
+            flat.as_strided((S, 1, d), (n, d, 1), o + 2 * h * d + h))
 
 
-def _two_layer(q: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+def _two_layer(q: Tensor, w1t: Tensor, b1: Tensor, w2t: Tensor, b2: Tensor
                ) -> tuple[Tensor, Tensor, Tensor]:
     """``M(q) = silu(q W1^T + b1) W2^T + b2`` per slot -> (out, pre-activation a, silu(a))."""
-    a = torch.baddbmm(b1.unsqueeze(1), q, w1.transpose(1, 2))  # (S, R, h)
+    a = torch.baddbmm(b1, q, w1t)  # (S, R, h)
     s = F.silu(a)
-    return torch.baddbmm(b2.unsqueeze(1), s, w2.transpose(1, 2)), a, s  # (S, R, d)
+    return torch.baddbmm(b2, s, w2t), a, s  # (S, R, d)
 
 
 class _TwoLayerMemory(torch.autograd.Function):
@@ -365,15 +373,15 @@ class _TwoLayerMemory(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         q, flat, a, s = ctx.saved_tensors
-        w1, b1, w2, b2 = _two_layer_weights(flat, q.shape[-1])
-        gs = torch.bmm(g, w2)  # (S, R, h)
+        w1t, b1, w2t, b2 = _two_layer_weights(flat, q.shape[-1])
+        gs = torch.bmm(g, w2t.transpose(1, 2))  # (S, R, h)
         if torch.is_grad_enabled():  # double backward: a and s must carry their graph
-            _, a, s = _two_layer(q, w1, b1, w2, b2)
+            _, a, s = _two_layer(q, w1t, b1, w2t, b2)
             sig = torch.sigmoid(a)
             ga = gs * sig * (1 + a * (1 - sig))  # silu'(a) in differentiable operations
         else:
             ga = torch.ops.aten.silu_backward(gs, a)  # (S, R, h)
-        gq = torch.bmm(ga, w1) if ctx.needs_input_grad[0] else None  # (S, R, d)
+        gq = torch.bmm(ga, w1t.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # (S, R, d)
         gflat = None
         if ctx.needs_input_grad[1]:
             gw1 = torch.bmm(ga.transpose(1, 2), q)  # (S, h, d)
