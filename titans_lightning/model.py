@@ -119,8 +119,11 @@ class MACTitan(nn.Module):
             memory.detach_()  # a differentiable rule's graph never spans two forwards
             if self.memory_scope == "per_sequence":
                 memory.start_sequences(B)
-        windows = self.emb(inputs).unfold(1, C, 1).transpose(2, 3)  # (B, T-C+1, C, d)
-        preds = [self.forward_group(windows[:, g:g + C]) for g in range(0, T - C + 1, C)]
+        x = self.emb(inputs)  # (B, T, d)
+        # each group unfolds its own 2C-1 steps: the gradient of a slice of x is x-sized, where
+        # that of a slice of all windows would be C times larger (and zero-filled per group)
+        preds = [self.forward_group(x[:, g:g + 2 * C - 1].unfold(1, C, 1).transpose(2, 3))
+                 for g in range(0, T - C + 1, C)]  # groups of (B, G, C, d) windows
         preds = torch.cat(preds, dim=1)  # (B, T-C+1, out)
         preds = F.pad(preds, (0, 0, C - 1, 0))  # (B, T, out): no prediction before t = C-1
         valid = torch.arange(T, device=inputs.device) >= C - 1
