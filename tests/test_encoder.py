@@ -94,3 +94,47 @@ def test_drop_positions_follow_the_torch_seed():
 def test_drop_positions_small_and_empty(n):
     pos = enc.drop_positions(n, 0.5, torch.device("cpu"))
     assert pos.numel() <= n and (pos.numel() == 0 or int(pos.max()) < n)
+
+
+def test_training_forward_equals_explicit_masks(monkeypatch):
+    """The three dropouts of a training forward (attention weights, attention output,
+    feed-forward output) come from one draw, split in that order, and act as dense masks."""
+    monkeypatch.setattr(enc, "drop_positions", lambda n, p, device: torch.arange(0, n, 7))
+    ref, mine = pair()
+    mine.fused = False  # the chunked feed-forward takes its mask from drop_positions too
+    mine.train()
+    N, L, d, h, p = 3, 5, 16, 2, 0.1
+    x = torch.randn(N, L, d, dtype=torch.double, requires_grad=True)
+    out = mine(x)
+
+    sizes = [N * h * L * L, N * L * d, N * L * d]
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    masks = []
+    for start, size in zip(starts, sizes):
+        mask = torch.ones(size, dtype=torch.double)
+        dropped = torch.arange(0, start + size, 7) - start
+        mask[dropped[dropped >= 0]] = 0.0
+        masks.append(mask / (1 - p))
+    attn = ref.self_attn
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).split(d, dim=-1)
+    q, k, v = (t.view(N, L, h, d // h).transpose(1, 2) for t in (q, k, v))  # (N, h, L, d/h)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+    a = (weights * masks[0].view(N, h, L, L)) @ v
+    a = attn.out_proj(a.transpose(1, 2).reshape(N, L, d))
+    x1 = ref.norm1(x + a * masks[1].view(N, L, d))
+    ff = mine.feed_forward(x1)  # its own (fixed) mask, tested in the feed-forward's tests
+    expected = ref.norm2(x1 + ff * masks[2].view(N, L, d))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(expected, x, g)[0], rtol=1e-9, atol=1e-11)
+
+
+def test_dropouts_drawn_together_are_bernoulli_in_each_tensor():
+    torch.manual_seed(0)
+    sizes, p = [300_000, 50_000, 120_000], 0.1
+    parts = enc._draw_together(sizes, p, torch.device("cpu"))
+    for pos, n in zip(parts, sizes):
+        assert pos.dtype == torch.long and torch.all(pos[1:] > pos[:-1])
+        assert pos.numel() == 0 or (0 <= int(pos[0]) and int(pos[-1]) < n)
+        assert abs(pos.numel() - n * p) < 5 * math.sqrt(n * p * (1 - p))

@@ -17,6 +17,7 @@ On CUDA it uses the library kernels, whose random numbers are cheap.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -136,6 +137,15 @@ def _chunks(M: int, f: int, pos: Tensor):
         yield r0, min(r0 + CHUNK_ROWS, M), pos[cuts[i]:cuts[i + 1]] - r0 * f
 
 
+def _draw_together(sizes: list[int], p: float, device: torch.device) -> list[Tensor]:
+    """Dropped positions for tensors of the given sizes from one Bernoulli(p) draw over all of
+    their elements (one draw costs little more than each of three small ones)."""
+    pos = drop_positions(sum(sizes), p, device)
+    ends = list(itertools.accumulate(sizes))
+    cuts = [0, *torch.searchsorted(pos, torch.tensor(ends, device=device)).tolist()]
+    return [pos[a:b] - s if s else pos[a:b] for a, b, s in zip(cuts, cuts[1:], [0, *ends])]
+
+
 class EncoderLayer(nn.Module):
     """Post-norm transformer encoder layer with SiLU feed-forward (batch first)."""
 
@@ -154,20 +164,33 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.norm1(x + dropout(self.attend(x), self.p, self.training))  # (N, L, d)
-        return self.norm2(x + dropout(self.feed_forward(x), self.p, self.training))
+        N, L, d = x.shape
+        drops = [None] * 3  # dropped positions: attention weights, attention output, feed-forward
+        if self.training and 0.0 < self.p < 1.0 and not x.is_cuda:
+            drops = _draw_together([N * self.nhead * L * L, N * L * d, N * L * d], self.p, x.device)
+        x = self.norm1(x + self._drop(self._attend(x, drops[0]), drops[1]))  # (N, L, d)
+        return self.norm2(x + self._drop(self.feed_forward(x), drops[2]))
 
     def attend(self, x: Tensor) -> Tensor:
+        return self._attend(x, None)
+
+    def _attend(self, x: Tensor, weight_drops: Tensor | None) -> Tensor:
         N, L, d = x.shape
         h = self.nhead
         attn = self.self_attn
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
-        qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).contiguous()
-        q, k, v = qkv  # (N, h, L, d/h) each, contiguous for the batched products
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(d // h))
-        weights = dropout(torch.softmax(scores, dim=-1), self.p, self.training)  # (N, h, L, L)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(N, L, d)  # (N, L, d)
+        qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).reshape(3, N * h, L, d // h)
+        q, k, v = qkv  # (N*h, L, d/h) each, contiguous for the batched products
+        scores = torch.bmm(q * (1.0 / math.sqrt(d // h)), k.transpose(1, 2))  # (N*h, L, L)
+        weights = self._drop(torch.softmax(scores, dim=-1), weight_drops)
+        out = torch.bmm(weights, v).view(N, h, L, d // h).transpose(1, 2).reshape(N, L, d)
         return attn.out_proj(out)
+
+    def _drop(self, x: Tensor, positions: Tensor | None) -> Tensor:
+        """Dropout at positions drawn in advance, or (positions None) drawn now."""
+        if positions is None:
+            return dropout(x, self.p, self.training)
+        return _Dropout.apply(x, positions, 1.0 / (1.0 - self.p))
 
     def feed_forward(self, x: Tensor) -> Tensor:
         N, L, d = x.shape
