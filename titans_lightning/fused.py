@@ -68,34 +68,37 @@ class _FusedFeedForward(torch.autograd.Function):
         x, w1, b1, w2, b2 = (t.detach().contiguous() for t in (x, w1, b1, w2, b2))
         M, f = x.shape[0], w1.shape[0]
         out = x.new_empty(M, ROW_WIDTH)
-        w1t, w2t = w1.t().contiguous(), w2.t().contiguous()  # (d, f), (f, d)
         # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
         bits = x.new_empty((M, f // 16) if p > 0.0 else (0,), dtype=torch.int16)
-        library().titans_ffn_forward(x.data_ptr(), M, w1t.data_ptr(), b1.data_ptr(), w2t.data_ptr(),
-                                     b2.data_ptr(), f, seed, _threshold(p), _scale(p),
-                                     bits.data_ptr() if p > 0.0 else None, out.data_ptr(),
-                                     torch.get_num_threads())
-        ctx.save_for_backward(x, w1, w1t, b1, w2, bits)
+        failed = library().titans_ffn_forward(
+            x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), f, seed,
+            _threshold(p), _scale(p), bits.data_ptr() if p > 0.0 else None, out.data_ptr(),
+            torch.get_num_threads())
+        _check(failed)
+        ctx.save_for_backward(x, w1, b1, w2, bits)
         ctx.p, ctx.seed = p, seed
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, w1, w1t, b1, w2, bits = ctx.saved_tensors
+        x, w1, b1, w2, bits = ctx.saved_tensors
         g = g.contiguous()
         M, f = x.shape[0], w1.shape[0]
-        gx, gw1t, gb1, gw2 = (x.new_empty(M, ROW_WIDTH), torch.empty_like(w1t),
-                              torch.empty_like(b1), torch.empty_like(w2))
+        gx, gw1, gb1, gw2 = (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1),
+                             torch.empty_like(w2))
         failed = library().titans_ffn_backward(
-            x.data_ptr(), M, w1.data_ptr(), w1t.data_ptr(), b1.data_ptr(), w2.data_ptr(), f,
-            g.data_ptr(), ctx.seed, _threshold(ctx.p), bits.data_ptr() if ctx.p > 0.0 else None,
-            _scale(ctx.p), gx.data_ptr(), gw1t.data_ptr(), gb1.data_ptr(), gw2.data_ptr(),
+            x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), f, g.data_ptr(),
+            ctx.seed, _threshold(ctx.p), bits.data_ptr() if ctx.p > 0.0 else None, _scale(ctx.p),
+            gx.data_ptr(), gw1.data_ptr(), gb1.data_ptr(), gw2.data_ptr(),
             torch.get_num_threads())
-        if failed:
-            raise MemoryError("the fused feed-forward's backward pass could not allocate its "
-                              "per-thread gradient buffers")
-        return gx, gw1t.t(), gb1, gw2, g.sum(0), None, None
+        _check(failed)
+        return gx, gw1, gb1, gw2, g.sum(0), None, None
+
+
+def _check(failed: int) -> None:
+    if failed:
+        raise MemoryError("the fused feed-forward could not allocate its scratch buffers")
 
 
 def _threshold(p: float) -> int:
@@ -122,8 +125,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, ctypes.c_float,
                                        _P, _P, ctypes.c_int]
-    lib.titans_ffn_forward.restype = None
-    lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _P, _U64, _U32, _P,
+    lib.titans_ffn_forward.restype = ctypes.c_int
+    lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _U64, _U32, _P,
                                         ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]

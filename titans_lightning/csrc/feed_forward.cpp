@@ -302,25 +302,34 @@ void backward_rows(const Problem& P, int64_t r0, int64_t r1, int tid) {
   }
 }
 
-// Splits the rows over up to `threads` threads of the OpenMP pool (the one PyTorch's own CPU
-// operators use, so the two never compete for cores); returns how many thread slots were used.
+// Runs fn over the rows in chunks that up to `threads` threads of the OpenMP pool (the one
+// PyTorch's own CPU operators use, so the two never compete for cores) take as they come: a
+// thread that wakes late does less, instead of making the others wait for its fixed share.
+// Returns how many thread slots fn may have used.
 int parallel_rows(void (*fn)(const Problem&, int64_t, int64_t, int), const Problem& P,
                   int threads) {
+  constexpr int64_t CHUNK = 4 * R;
   int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-  while (T > 1 && P.M < static_cast<int64_t>(T) * R * 4) --T;
+  if (P.M < 2 * CHUNK) T = 1;
 #if defined(_OPENMP)
-#pragma omp parallel num_threads(T)
-  {
-    const int t = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t per = (P.M + n - 1) / n;
-    const int64_t r0 = t * per < P.M ? t * per : P.M, r1 = r0 + per < P.M ? r0 + per : P.M;
-    fn(P, r0, r1, t);
+  if (T > 1) {
+    const int64_t chunks = (P.M + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(T) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r1 = (c + 1) * CHUNK < P.M ? (c + 1) * CHUNK : P.M;
+      fn(P, c * CHUNK, r1, omp_get_thread_num());
+    }
+    return T;
   }
-#else
-  fn(P, 0, P.M, 0);
-  T = 1;
 #endif
-  return T;
+  fn(P, 0, P.M, 0);
+  return 1;
+}
+
+// dst (cols, rows) = src (rows, cols) transposed.
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
 }  // namespace
@@ -343,50 +352,60 @@ void titans_ffn_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f, ui
   }
 }
 
-// out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T.
-// With dropout and `bits` given, the keep decisions are left there for the backward pass.
-void titans_ffn_forward(const float* x, int64_t M, const float* w1t, const float* b1,
-                        const float* w2t, const float* b2, int64_t f, uint64_t seed,
-                        uint32_t threshold, float scale, uint16_t* bits, float* out,
-                        int threads) {
+// out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T, with w1 (f, D) and w2 (D, f) as
+// nn.Linear keeps them. With dropout and `bits` given, the keep decisions are left there for
+// the backward pass. Returns 0, or 1 if out of memory.
+int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* b1,
+                       const float* w2, const float* b2, int64_t f, uint64_t seed,
+                       uint32_t threshold, float scale, uint16_t* bits, float* out, int threads) {
+  float* w1t = static_cast<float*>(std::malloc(sizeof(float) * 2 * D * f));
+  if (!w1t) return 1;
+  float* w2t = w1t + D * f;
+  transpose(w1, f, D, w1t);
+  transpose(w2, D, f, w2t);
   Problem P{};
   P.bits = bits;
   P.x = x; P.w1t = w1t; P.b1 = b1; P.w2t = w2t; P.b2 = b2; P.out = out;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
   parallel_rows(forward_rows, P, threads);
+  std::free(w1t);
+  return 0;
 }
 
 // Gradients of the forward above given g = d loss / d out (M, D) and the forward's keep bits
-// (or null: drawn again from the seed). gw1 comes out transposed, (D, f). gb2 is g summed over
-// rows, left to the caller. Returns 0, or 1 if out of memory.
-int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float* w1t,
-                        const float* b1, const float* w2, int64_t f, const float* g,
-                        uint64_t seed, uint32_t threshold, const uint16_t* bits, float scale,
-                        float* gx, float* gw1t, float* gb1, float* gw2, int threads) {
+// (or null: drawn again from the seed): gx (M, D), gw1 (f, D), gb1 (f), gw2 (D, f); gb2 is g
+// summed over rows, left to the caller. Returns 0, or 1 if out of memory.
+int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float* b1,
+                        const float* w2, int64_t f, const float* g, uint64_t seed,
+                        uint32_t threshold, const uint16_t* bits, float scale, float* gx,
+                        float* gw1, float* gb1, float* gw2, int threads) {
+  const int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
+  const int64_t per_thread = 2 * D * f + f;  // each thread's partial gw1t, gw2, gb1
+  float* scratch = static_cast<float*>(
+      std::calloc(static_cast<size_t>(D * f + T * per_thread), sizeof(float)));
+  if (!scratch) return 1;
   Problem P{};
   P.bits = const_cast<uint16_t*>(bits);
-  P.x = x; P.g = g; P.w1 = w1; P.w1t = w1t; P.b1 = b1; P.w2 = w2; P.gx = gx;
+  P.x = x; P.g = g; P.w1 = w1; P.b1 = b1; P.w2 = w2; P.gx = gx;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
-  int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
-  const int64_t per_thread = 2 * D * f + f;
-  float* partial = static_cast<float*>(std::calloc(static_cast<size_t>(T * per_thread), sizeof(float)));
-  if (!partial) return 1;
-  P.gw1t = partial;
-  P.gw2 = partial + T * D * f;
-  P.gb1 = partial + 2 * T * D * f;
+  float* w1t = scratch;
+  transpose(w1, f, D, w1t);
+  P.w1t = w1t;
+  P.gw1t = scratch + D * f;
+  P.gw2 = P.gw1t + T * D * f;
+  P.gb1 = P.gw2 + T * D * f;
   const int used = parallel_rows(backward_rows, P, T);
-  for (int64_t i = 0; i < D * f; ++i) {
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int t = 0; t < used; ++t) { s1 += P.gw1t[t * D * f + i]; s2 += P.gw2[t * D * f + i]; }
-    gw1t[i] = s1;
-    gw2[i] = s2;
+  for (int t = 1; t < used; ++t) {
+    for (int64_t i = 0; i < D * f; ++i) {
+      P.gw1t[i] += P.gw1t[t * D * f + i];
+      P.gw2[i] += P.gw2[t * D * f + i];
+    }
+    for (int64_t i = 0; i < f; ++i) P.gb1[i] += P.gb1[t * f + i];
   }
-  for (int64_t i = 0; i < f; ++i) {
-    float s = 0.0f;
-    for (int t = 0; t < used; ++t) s += P.gb1[t * f + i];
-    gb1[i] = s;
-  }
-  std::free(partial);
+  transpose(P.gw1t, D, f, gw1);
+  std::memcpy(gw2, P.gw2, sizeof(float) * D * f);
+  std::memcpy(gb1, P.gb1, sizeof(float) * f);
+  std::free(scratch);
   return 0;
 }
 
