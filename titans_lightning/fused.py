@@ -1,4 +1,5 @@
-"""The encoder's feed-forward as one fused CPU kernel (``csrc/feed_forward.cpp``).
+"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``) and the two-layer
+neural memory (``csrc/memory_mlp.cpp``).
 
 Shape legend
     M  rows (tokens of all windows)    d  row width (16)    f  feed-forward width
@@ -10,7 +11,10 @@ it. Dropout is the same Bernoulli(p) process as ``F.dropout``; the draws come fr
 counter-based hash of (seed, row, unit), the seed from torch's generator (``torch.manual_seed``
 makes runs reproducible); the forward pass keeps the decisions as bits for the backward pass.
 
-The kernel is compiled on first use with the machine's C++ compiler (``$CXX`` or ``c++``) for its
+The two-layer memory's forward and backward pass (:func:`memory_forward`,
+:func:`memory_backward`) do a slot's rows in one call instead of a library call per product.
+
+The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` or ``c++``) for its
 own vector instructions and cached (``$TITANS_LIGHTNING_CACHE``, default
 ``~/.cache/titans_lightning``). Where no compiler is found, the build fails, or
 ``TITANS_LIGHTNING_FUSED=0`` is set, :func:`supports` says no and the encoder uses its plain
@@ -33,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "feed_forward.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 # OpenMP, when the compiler has it: the kernel then shares PyTorch's CPU thread pool (the loaded
 # libgomp.so.1), so the two never compete for cores as separately created threads would.
@@ -53,6 +58,40 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: f
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
     return _FusedFeedForward.apply(x, w1, b1, w2, b2, p, seed)
+
+
+def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
+    """Whether the kernel can run the two-layer memory for queries q (S, R, d)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and flat.dtype == torch.float32
+            and library() is not None
+            and bool(library().titans_mlp_supported(q.shape[-1], hidden)))
+
+
+def memory_forward(q: Tensor, flat: Tensor, hidden: int, keep: bool
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``M(q)`` (S, R, d) of the two-layer memory with flat weights (S, n); with ``keep`` also
+    its pre-activation and activation (S, R, h) for :func:`memory_backward`. No autograd."""
+    q, flat = q.detach().contiguous(), flat.detach().contiguous()
+    S, R, d = q.shape
+    out = q.new_empty(S, R, d)
+    a, s = (q.new_empty(S, R, hidden), q.new_empty(S, R, hidden)) if keep else (None, None)
+    library().titans_mlp_forward(q.data_ptr(), flat.data_ptr(), S, R, d, hidden, out.data_ptr(),
+                                 a.data_ptr() if keep else None, s.data_ptr() if keep else None)
+    return out, a, s
+
+
+def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, need_q: bool,
+                    need_weights: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`memory_forward` for g = d loss / d M(q): (gq, gflat)."""
+    q, flat, g = q.detach().contiguous(), flat.detach().contiguous(), g.detach().contiguous()
+    S, R, d = q.shape
+    gq = torch.empty_like(q) if need_q else None
+    gflat = torch.empty_like(flat) if need_weights else None
+    library().titans_mlp_backward(q.data_ptr(), flat.data_ptr(), a.data_ptr(), s.data_ptr(),
+                                  g.data_ptr(), S, R, d, a.shape[-1],
+                                  gq.data_ptr() if need_q else None,
+                                  gflat.data_ptr() if need_weights else None)
+    return gq, gflat
 
 
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
@@ -131,6 +170,11 @@ def library() -> ctypes.CDLL | None:
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
     lib.titans_ffn_keep.restype = None
+    lib.titans_mlp_supported.argtypes = [_I64, _I64]
+    lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]
+    lib.titans_mlp_forward.restype = ctypes.c_int
+    lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
+    lib.titans_mlp_backward.restype = ctypes.c_int
     return lib
 
 
@@ -140,21 +184,21 @@ def _build() -> Path:
         or shutil.which("clang++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    code = [path.read_bytes() for path in SOURCES + HEADERS]
+    key = hashlib.sha256(b"\0".join([*code, " ".join(FLAGS).encode(), compiler.encode(),
                                      _cpu_signature()])).hexdigest()[:16]
     cache = Path(os.environ.get("TITANS_LIGHTNING_CACHE")
                  or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                  / "titans_lightning")
-    target = cache / f"feed_forward-{key}.so"
+    target = cache / f"kernels-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds never see half a file
         built = Path(tmp) / target.name
         for threading in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
-            result = subprocess.run([compiler, *FLAGS, *threading, str(SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True, timeout=300)
+            result = subprocess.run([compiler, *FLAGS, *threading, *map(str, SOURCES), "-o",
+                                     str(built)], capture_output=True, text=True, timeout=300)
             if result.returncode == 0:
                 break
         else:

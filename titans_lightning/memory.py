@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .strategy import USER_MODULE_PREFIX, load_strategy
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
@@ -55,7 +56,9 @@ class StrategyState(Mapping[str, Tensor]):
             raise KeyError(f"strategy state {name!r} was not registered in init_memory_state")
         if isinstance(getattr(self._holder, name), nn.Parameter):
             raise KeyError(f"strategy state {name!r} is learnable; the outer optimiser owns it")
-        setattr(self._holder, name, value)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"strategy state {name!r} must be a tensor, got {type(value).__name__}")
+        self._holder._buffers[name] = value  # what setattr does for a buffer, without its checks
 
     def __contains__(self, name: object) -> bool:
         return name in self._holder._buffers or name in self._holder._parameters
@@ -169,6 +172,8 @@ class NeuralMemory(nn.Module):
         flat = self.fast_weights
         if torch.is_grad_enabled() and (q.requires_grad or flat.requires_grad):
             return _TwoLayerMemory.apply(q, flat)
+        if fused.supports_memory(q, flat, self.hidden):
+            return fused.memory_forward(q, flat, self.hidden, keep=False)[0]
         return _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))[0]
 
     # -- strategy state -----------------------------------------------------------------------
@@ -211,7 +216,7 @@ class NeuralMemory(nn.Module):
         self._gate = None
         new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok = _all_finite(surprise.reshape(self.n_slots, -1), grads, new)  # (S,)
-        self.fast_weights = torch.where(ok[:, None], new, old)
+        self._buffers["fast_weights"] = torch.where(ok[:, None], new, old)
         self._commit_state(old_state, ok)
         self._record(surprise, grads, old, ok)
         return surprise
@@ -221,13 +226,13 @@ class NeuralMemory(nn.Module):
         with torch.enable_grad():
             keys, values = self.strategy.compute_keys_values(self, x)
             leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
-            self.fast_weights = leaf
+            self._buffers["fast_weights"] = leaf  # the strategy's surprise reads the leaf
             try:
                 surprise = self.strategy.compute_surprise(self, keys, values)
                 (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
                                                create_graph=keep_graph)
             finally:
-                self.fast_weights = old
+                self._buffers["fast_weights"] = old
         grads = torch.zeros_like(old) if grads is None else grads
         return (surprise, grads) if keep_graph else (surprise.detach(), grads)
 
@@ -237,13 +242,13 @@ class NeuralMemory(nn.Module):
             if new is old:
                 continue
             keep = _expand(ok, new) if name in self._per_slot else ok.all()
-            setattr(self.strategy_state, name, torch.where(keep, new, old))
+            self.strategy_state._buffers[name] = torch.where(keep, new, old)
 
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
         """Count the update and keep what its statistics need; they are computed, for all the
         updates of a forward at once, only when someone asks (:meth:`pop_history`)."""
-        self.num_updates += 1
-        self.skipped_updates += ok.numel() - ok.sum()
+        self.num_updates.add_(1)
+        self.skipped_updates.add_(ok.numel() - ok.sum())
         gate = None if self._gate is None else _detached(self._gate)  # None: all of the step
         self.history.append({"surprise": _detached(surprise), "grads": _detached(grads),
                              "old": _detached(old), "new": _detached(self.fast_weights),
@@ -366,13 +371,20 @@ class _TwoLayerMemory(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, flat: Tensor) -> Tensor:
-        out, a, s = _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))
+        d = q.shape[-1]
+        hidden = (flat.shape[1] - d) // (2 * d + 1)
+        if fused.supports_memory(q, flat, hidden):  # the same maths in one CPU kernel call
+            out, a, s = fused.memory_forward(q, flat, hidden, keep=True)
+        else:
+            out, a, s = _two_layer(q, *_two_layer_weights(flat, d))
         ctx.save_for_backward(q, flat, a, s)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         q, flat, a, s = ctx.saved_tensors
+        if not torch.is_grad_enabled() and fused.supports_memory(q, flat, a.shape[-1]):
+            return fused.memory_backward(q, flat, a, s, g, *ctx.needs_input_grad)
         w1t, b1, w2t, b2 = _two_layer_weights(flat, q.shape[-1])
         gs = torch.bmm(g, w2t.transpose(1, 2))  # (S, R, h)
         if torch.is_grad_enabled():  # double backward: a and s must carry their graph
