@@ -167,9 +167,19 @@ class EncoderLayer(nn.Module):
         N, L, d = x.shape
         drops = [None] * 3  # dropped positions: attention weights, attention output, feed-forward
         if self.training and 0.0 < self.p < 1.0 and not x.is_cuda:
-            drops = _draw_together([N * self.nhead * L * L, N * L * d, N * L * d], self.p, x.device)
+            if self._fused_attention(x):  # the kernel draws the weights' dropout itself
+                drops[1:] = _draw_together([N * L * d, N * L * d], self.p, x.device)
+            else:
+                drops = _draw_together([N * self.nhead * L * L, N * L * d, N * L * d], self.p,
+                                       x.device)
         x = self.norm1(x + self._drop(self._attend(x, drops[0]), drops[1]))  # (N, L, d)
         return self.norm2(x + self._drop(self.feed_forward(x), drops[2]))
+
+    def _fused_attention(self, x: Tensor) -> bool:
+        """The attention kernel pays off in training (its backward pass); in evaluation the
+        library's batched products are as fast."""
+        return (self.fused and self.training and 0.0 < self.p < 1.0
+                and fused.supports_attention(x, x.shape[-1] // self.nhead))
 
     def attend(self, x: Tensor) -> Tensor:
         return self._attend(x, None)
@@ -181,6 +191,9 @@ class EncoderLayer(nn.Module):
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
         qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).reshape(3, N * h, L, d // h)
         q, k, v = qkv  # (N*h, L, d/h) each, contiguous for the batched products
+        if self._fused_attention(x):
+            out = fused.attention(q, k, v, self.p).view(N, h, L, d // h)
+            return attn.out_proj(out.transpose(1, 2).reshape(N, L, d))
         scores = torch.bmm(q * (1.0 / math.sqrt(d // h)), k.transpose(1, 2))  # (N*h, L, L)
         weights = self._drop(torch.softmax(scores, dim=-1), weight_drops)
         out = torch.bmm(weights, v).view(N, h, L, d // h).transpose(1, 2).reshape(N, L, d)

@@ -1,5 +1,5 @@
-"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``) and the two-layer
-neural memory (``csrc/memory_mlp.cpp``).
+"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``) and attention core
+(``csrc/attention.cpp``), and the two-layer neural memory (``csrc/memory_mlp.cpp``).
 
 Shape legend
     M  rows (tokens of all windows)    d  row width (16)    f  feed-forward width
@@ -10,6 +10,9 @@ it lives in vector registers between the two matrix products, and the backward p
 it. Dropout is the same Bernoulli(p) process as ``F.dropout``; the draws come from a
 counter-based hash of (seed, row, unit), the seed from torch's generator (``torch.manual_seed``
 makes runs reproducible); the forward pass keeps the decisions as bits for the backward pass.
+
+``attention(q, k, v, p)`` is ``dropout(softmax(q k^T / sqrt(e)), p) v`` per (window, head), with
+the same kind of counter-based dropout draws.
 
 The two-layer memory's forward and backward pass (:func:`memory_forward`,
 :func:`memory_backward`) do a slot's rows in one call instead of a library call per product.
@@ -94,6 +97,49 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
     return gq, gflat
 
 
+def supports_attention(x: Tensor, head_width: int) -> bool:
+    """Whether the kernel can run the attention core of heads of width e on x's device/dtype."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+            and bool(library().titans_attention_supported(head_width)))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
+    """``dropout(softmax(q k^T / sqrt(e)), p) v`` for q, k, v (B, L, e); differentiable."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
+    return _Attention.apply(q, k, v, p, seed)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, p: float, seed: int):
+        q, k, v = (t.detach().contiguous() for t in (q, k, v))
+        B, L, e = q.shape
+        lib = library()
+        weights = q.new_empty(B, L, lib.titans_attention_padded(L))  # softmax, before dropout
+        out = torch.empty_like(q)
+        lib.titans_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, L, e, seed,
+                                     _threshold(p), _scale(p), weights.data_ptr(), out.data_ptr(),
+                                     torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, k, v, weights = ctx.saved_tensors
+        g = g.contiguous()
+        B, L, e = q.shape
+        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        library().titans_attention_backward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), g.data_ptr(), B, L, e,
+            ctx.seed, _threshold(ctx.p), _scale(ctx.p), gq.data_ptr(), gk.data_ptr(),
+            gv.data_ptr(), torch.get_num_threads())
+        return gq, gk, gv, None, None
+
+
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
@@ -170,6 +216,13 @@ def library() -> ctypes.CDLL | None:
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
     lib.titans_ffn_keep.restype = None
+    lib.titans_attention_supported.argtypes = [_I64]
+    lib.titans_attention_padded.argtypes = [_I64]
+    lib.titans_attention_padded.restype = _I64
+    lib.titans_attention_forward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _U64, _U32,
+                                             ctypes.c_float, _P, _P, ctypes.c_int]
+    lib.titans_attention_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _U64, _U32,
+                                              ctypes.c_float, _P, _P, _P, ctypes.c_int]
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]
     lib.titans_mlp_forward.restype = ctypes.c_int

@@ -30,30 +30,6 @@ constexpr int R = TITANS_ROWS;  // rows per register block
 constexpr int64_t JB = TITANS_JB;  // hidden units per cache block (weights of a block stay in L1)
 constexpr int MAX_THREADS = 64;
 
-// Dropout draws: a 64-bit mix of (seed, row) keys each row; the lowbias32 integer hash of
-// key ^ (j * golden) gives 32 uniform bits per hidden unit j.
-inline uint32_t row_key(uint64_t seed, int64_t r) {
-  uint64_t z = seed + static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>(z ^ (z >> 31));
-}
-
-inline vu lane_golden() {
-  vu v;
-  for (int i = 0; i < V; ++i) v[i] = static_cast<uint32_t>(i) * 0x9E3779B9u;
-  return v;
-}
-
-inline vu hash32(vu h) {
-  h ^= h >> 16;
-  h *= 0x21f0aaadu;
-  h ^= h >> 15;
-  h *= 0x735a2d97u;
-  h ^= h >> 15;
-  return h;
-}
-
 struct Problem {
   const float *x, *g;                    // (M, D) inputs and, backward, output gradients
   const float *w1, *w1t, *b1, *w2, *w2t, *b2;  // (f, D), (D, f), (f), (D, f), (f, D), (D)
@@ -67,9 +43,8 @@ struct Problem {
   float scale;                           // 1 / (1 - p)
 };
 
-inline vu keep_mask(const Problem& P, uint32_t key, int64_t j, vu golden) {
-  vu h = hash32((golden + static_cast<uint32_t>(j) * 0x9E3779B9u) ^ key);
-  return (vu)(h >= P.threshold);
+inline vu keep_mask(const Problem& P, uint32_t key, int64_t j) {
+  return keep_lanes(key, j, P.threshold);
 }
 
 // A lane mask (all ones = kept) as 16 bits, and back.
@@ -106,7 +81,7 @@ inline void pre_activations(const Problem& P, const float* x, int64_t j, vf* a) 
 
 // One register block: N rows starting at rb, hidden units j0..j1, accumulated into out.
 template <int N>
-void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu golden) {
+void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1) {
   alignas(64) float sd[N][V];  // the dropped, scaled activations
   const float* x = P.x + rb * D;
   vf acc[N], a[N];
@@ -120,7 +95,7 @@ void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gold
     for (int i = 0; i < N; ++i) {
       vf s = a[i] * sigmoid(a[i]);
       if (P.threshold) {
-        const vu keep = keep_mask(P, key[i], j, golden);
+        const vu keep = keep_mask(P, key[i], j);
         if (P.bits) P.bits[(rb + i) * (P.f / V) + j / V] = to_bits(keep);
         s = keep ? s * P.scale : vf{};
       }
@@ -135,8 +110,8 @@ void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gold
 }
 
 template <int N>
-void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu golden,
-                    float* gw1t, float* gb1, float* gw2) {
+void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, float* gw1t, float* gb1,
+                    float* gw2) {
   alignas(64) float da_lanes[N][V];
   const float* x = P.x + rb * D;
   const float* g = P.g + rb * D;
@@ -157,7 +132,7 @@ void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, vu gol
       vf d = ds[i] * sig * (1.0f + a[i] * (1.0f - sig));  // through silu
       if (P.threshold) {
         const vu keep = P.bits ? from_bits(P.bits[(rb + i) * (P.f / V) + j / V])
-                               : keep_mask(P, key[i], j, golden);
+                               : keep_mask(P, key[i], j);
         s = keep ? s * P.scale : vf{};
         d = keep ? d * P.scale : vf{};
       }
@@ -205,37 +180,35 @@ void over_blocks(int64_t r0, int64_t r1, Args... args) {
 
 template <int N>
 struct Forward {
-  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1, vu golden) {
-    forward_block<N>(*P, rb, j0, j1, golden);
+  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1) {
+    forward_block<N>(*P, rb, j0, j1);
   }
 };
 
 template <int N>
 struct Backward {
-  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1, vu golden, float* gw1t,
+  static void run(int64_t rb, const Problem* P, int64_t j0, int64_t j1, float* gw1t,
                   float* gb1, float* gw2) {
-    backward_block<N>(*P, rb, j0, j1, golden, gw1t, gb1, gw2);
+    backward_block<N>(*P, rb, j0, j1, gw1t, gb1, gw2);
   }
 };
 
 void forward_rows(const Problem& P, int64_t r0, int64_t r1, int /*tid*/) {
-  const vu golden = lane_golden();
   for (int64_t r = r0; r < r1; ++r) store(P.out + r * D, load(P.b2));
   for (int64_t j0 = 0; j0 < P.f; j0 += JB) {
     const int64_t j1 = j0 + JB < P.f ? j0 + JB : P.f;
-    over_blocks<Forward>(r0, r1, &P, j0, j1, golden);
+    over_blocks<Forward>(r0, r1, &P, j0, j1);
   }
 }
 
 void backward_rows(const Problem& P, int64_t r0, int64_t r1, int tid) {
-  const vu golden = lane_golden();
   float* gw1t = P.gw1t + tid * D * P.f;
   float* gw2 = P.gw2 + tid * D * P.f;
   float* gb1 = P.gb1 + tid * P.f;
   for (int64_t r = r0; r < r1; ++r) store(P.gx + r * D, vf{});
   for (int64_t j0 = 0; j0 < P.f; j0 += JB) {
     const int64_t j1 = j0 + JB < P.f ? j0 + JB : P.f;
-    over_blocks<Backward>(r0, r1, &P, j0, j1, golden, gw1t, gb1, gw2);
+    over_blocks<Backward>(r0, r1, &P, j0, j1, gw1t, gb1, gw2);
   }
 }
 
@@ -275,16 +248,16 @@ extern "C" {
 
 int titans_ffn_lanes() { return V; }
 
-// The dropout decisions the kernels make, keep (M, f) as 0/1 bytes: for tests and inspection.
+// The dropout decisions the kernels make for an (M, f) matrix (the feed-forward's activation,
+// or the attention weights as (windows * heads * L, L)), as 0/1 bytes: for tests and inspection.
 void titans_ffn_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f, uint8_t* keep) {
   Problem P{};
   P.threshold = threshold;
-  const vu golden = lane_golden();
   for (int64_t r = 0; r < M; ++r) {
     const uint32_t key = row_key(seed, r);
     for (int64_t j = 0; j < f; j += V) {
-      const vu k = keep_mask(P, key, j, golden);
-      for (int l = 0; l < V; ++l) keep[r * f + j + l] = k[l] ? 1 : 0;
+      const vu k = keep_mask(P, key, j);
+      for (int l = 0; l < V && j + l < f; ++l) keep[r * f + j + l] = k[l] ? 1 : 0;
     }
   }
 }

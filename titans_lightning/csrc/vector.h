@@ -23,15 +23,15 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return vf{} + s; }
 
 #if defined(__AVX512F__)
-// sigmoid(a) = 1 / (1 + exp(-a)). exp is Cephes' single-precision polynomial (about 1 ulp) with
-// the 2^n scaling done by vscalefps; a is clamped at -88 so 1 + exp(-a) stays finite (the
-// caller multiplies by a itself, which carries a NaN through). The 14-bit reciprocal estimate
-// and one Newton step replace a division, which is slow on wide vectors.
-inline vf sigmoid(vf a) {
-  const __m512 x = _mm512_max_ps((__m512)a, _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)),
+// exp(x) for x clamped to [-87.3, 88]: Cephes' single-precision polynomial (about 1 ulp), the
+// 2^n scaling by vscalefps. A NaN comes out as a finite number: callers that must carry NaN
+// through multiply by their own input afterwards.
+inline vf exp_(vf v) {
+  const __m512 x = _mm512_min_ps(_mm512_max_ps((__m512)v, _mm512_set1_ps(-87.33654475f)),
+                                 _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693359375f), x);  // -x - n ln2, in two parts
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln2, in two parts
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
@@ -41,14 +41,17 @@ inline vf sigmoid(vf a) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(y, n), _mm512_set1_ps(1.0f));  // 1 + exp(-x)
-  const __m512 e = _mm512_rcp14_ps(d);
-  return (vf)_mm512_fmadd_ps(e, _mm512_fnmadd_ps(d, e, _mm512_set1_ps(1.0f)), e);
+  return (vf)_mm512_scalef_ps(y, n);
+}
+
+// 1 / d: the 14-bit reciprocal estimate and one Newton step (a division is slow on wide vectors).
+inline vf reciprocal(vf d) {
+  const __m512 e = _mm512_rcp14_ps((__m512)d);
+  return (vf)_mm512_fmadd_ps(e, _mm512_fnmadd_ps((__m512)d, e, _mm512_set1_ps(1.0f)), e);
 }
 #else
 // exp(x), Cephes' single-precision polynomial (about 1 ulp); x is clamped to [-87.3, 88] so
-// that 2^n stays a normal float. NaN does not survive the clamp: callers multiply by their
-// own input afterwards, which carries a NaN through.
+// that 2^n stays a normal float (a NaN comes out finite, as above).
 inline vf exp_(vf x) {
   const vf hi = splat(88.0f), lo = splat(-87.33654475f), magic = splat(12582912.0f);  // 1.5 * 2^23
   x = x < hi ? x : hi;
@@ -68,7 +71,56 @@ inline vf exp_(vf x) {
   return y * (vf)((ni + 127) << 23);
 }
 
-inline vf sigmoid(vf a) { return 1.0f / (1.0f + exp_(-a)); }
+inline vf reciprocal(vf d) { return 1.0f / d; }
 #endif
+
+// The largest and the sum of a vector's lanes.
+inline float hmax(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)v);
+#else
+  float m = v[0];
+  for (int l = 1; l < V; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+#endif
+}
+
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.0f;
+  for (int l = 0; l < V; ++l) s += v[l];
+  return s;
+#endif
+}
+
+// sigmoid(a) = 1 / (1 + exp(-a)); a NaN comes out finite (see exp_), a * sigmoid(a) is NaN.
+inline vf sigmoid(vf a) { return reciprocal(1.0f + exp_(-a)); }
+
+// Counter-based dropout draws: a 64-bit mix of (seed, row) keys each row; the lowbias32 integer
+// hash of key ^ (j * golden) gives 32 uniform bits for each column j of the row.
+inline uint32_t row_key(uint64_t seed, int64_t r) {
+  uint64_t z = seed + static_cast<uint64_t>(r) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+
+inline vu hash32(vu h) {
+  h ^= h >> 16;
+  h *= 0x21f0aaadu;
+  h ^= h >> 15;
+  h *= 0x735a2d97u;
+  h ^= h >> 15;
+  return h;
+}
+
+// All ones in the lanes of columns j..j+V of a row (key) that are kept: draw >= threshold.
+inline vu keep_lanes(uint32_t key, int64_t j, uint32_t threshold) {
+  vu lanes;
+  for (int l = 0; l < V; ++l) lanes[l] = static_cast<uint32_t>(j + l) * 0x9E3779B9u;
+  return (vu)(hash32(lanes ^ key) >= threshold);
+}
 
 }  // namespace

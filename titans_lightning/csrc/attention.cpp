@@ -1,0 +1,203 @@
+// The encoder layer's attention core for the CPU, forward and backward:
+//
+//     out = dropout(softmax(q k^T / sqrt(e))) v        per window and head
+//
+// The windows are short (L = P + 2C tokens) and the heads narrow (e = 8), so the library's
+// batched products and softmax spend more on dispatch and on odd-sized rows than on arithmetic.
+// Here one thread takes a (window, head) pair at a time and keeps its L x L weights in cache; a
+// row of weights is a few vectors over the keys (padded to a multiple of V with zero weight).
+// Dropout keeps weight (row, j) unless hash(seed, row, j) < threshold, row = b * L + i, the
+// same counter-based draws as the feed-forward's, so the backward pass draws them again.
+//
+// Shape legend: B windows x heads, L tokens, e head width (4, 8, 16 or 32), Lp = L rounded up
+// to a multiple of V.
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <cmath>
+#include <vector>
+
+#include "vector.h"
+
+namespace {
+
+struct Attention {
+  const float *q, *k, *v;  // (B, L, e)
+  float* p;                // (B, L, Lp): the softmax weights, before dropout
+  int64_t B, L, Lp;
+  float scale;             // 1 / sqrt(e)
+  uint64_t seed;
+  uint32_t threshold;      // 0: no dropout
+  float keep_scale;        // 1 / (1 - p)
+};
+
+// A head-width row of e floats as one vector (e = 32 is two AVX-512 registers).
+template <int e>
+struct Row {
+  typedef float type __attribute__((vector_size(e * 4)));
+  static type load(const float* p) { type r; std::memcpy(&r, p, sizeof r); return r; }
+  static void store(float* p, type r) { std::memcpy(p, &r, sizeof r); }
+};
+
+// x^T of one (window, head) block, (e, Lp), zero in the padding columns.
+template <int e>
+void transpose_padded(const float* x, int64_t L, int64_t Lp, float* xt) {
+  std::memset(xt, 0, sizeof(float) * e * Lp);
+  for (int64_t j = 0; j < L; ++j)
+    for (int c = 0; c < e; ++c) xt[c * Lp + j] = x[j * e + c];
+}
+
+// The dropped, scaled weights of row i: the kernel's draws applied to p.
+inline vf drop(const Attention& A, vf p, uint32_t key, int64_t j0) {
+  if (!A.threshold) return p;
+  return keep_lanes(key, j0, A.threshold) ? p * A.keep_scale : vf{};
+}
+
+template <int e>
+void forward_block(const Attention& A, int64_t b, float* kt, float* row, float* out) {
+  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
+  const float *q = A.q + b * L * e, *k = A.k + b * L * e, *v = A.v + b * L * e;
+  transpose_padded<e>(k, L, Lp, kt);
+  for (int64_t i = 0; i < L; ++i) {
+    float m = -3.0e38f;
+    for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e)
+      vf s = vf{};
+      for (int c = 0; c < e; ++c) s += (q[i * e + c] * A.scale) * load(kt + c * Lp + t * V);
+      store(row + t * V, s);
+      if ((t + 1) * V <= L) {
+        const float top = hmax(s);
+        m = top > m ? top : m;
+      } else {
+        for (int64_t j = t * V; j < L; ++j) m = row[j] > m ? row[j] : m;
+      }
+    }
+    vf total = vf{};
+    for (int64_t t = 0; t < nv; ++t) {
+      vf w = exp_(load(row + t * V) - m);
+      if ((t + 1) * V > L)
+        for (int l = 0; l < V; ++l) w[l] = t * V + l < L ? w[l] : 0.0f;
+      store(row + t * V, w);
+      total += w;
+    }
+    const float inv = 1.0f / hsum(total);
+    const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
+    float* p = A.p + (b * L + i) * Lp;
+    for (int64_t t = 0; t < nv; ++t) {
+      const vf w = load(row + t * V) * inv;
+      store(p + t * V, w);
+      store(row + t * V, drop(A, w, key, t * V));
+    }
+    using E = Row<e>;
+    typename E::type acc[4] = {};  // four independent sums: one would wait on each addition
+    int64_t j = 0;
+    for (; j + 4 <= L; j += 4)
+      for (int u = 0; u < 4; ++u) acc[u] += row[j + u] * E::load(v + (j + u) * e);
+    for (; j < L; ++j) acc[0] += row[j] * E::load(v + j * e);
+    E::store(out + (b * L + i) * e, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+  }
+}
+
+template <int e>
+void backward_block(const Attention& A, int64_t b, const float* g, float* vt, float* gpd,
+                    float* gs, float* gq, float* gk, float* gv) {
+  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
+  const float *q = A.q + b * L * e, *k = A.k + b * L * e, *v = A.v + b * L * e;
+  g += b * L * e;
+  gq += b * L * e;
+  gk += b * L * e;
+  gv += b * L * e;
+  transpose_padded<e>(v, L, Lp, vt);
+  std::memset(gk, 0, sizeof(float) * L * e);
+  std::memset(gv, 0, sizeof(float) * L * e);
+  for (int64_t i = 0; i < L; ++i) {
+    const float* p = A.p + (b * L + i) * Lp;
+    const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
+    vf dot = vf{};
+    for (int64_t t = 0; t < nv; ++t) {
+      vf gw = vf{};  // gradient at the dropped weights: g_i . v_j
+      for (int c = 0; c < e; ++c) gw += g[i * e + c] * load(vt + c * Lp + t * V);
+      const vf pv = load(p + t * V);
+      store(gpd + t * V, drop(A, pv, key, t * V));  // the dropped weights themselves, for gv
+      gw = drop(A, gw, key, t * V);                   // gradient at the softmax output
+      store(gs + t * V, gw);
+      dot += pv * gw;
+    }
+    const float d = hsum(dot);
+    for (int64_t t = 0; t < nv; ++t)  // through the softmax, and the scale of the scores
+      store(gs + t * V, load(p + t * V) * (load(gs + t * V) - d) * A.scale);
+    using E = Row<e>;
+    const typename E::type gi = E::load(g + i * e), qi = E::load(q + i * e);
+    typename E::type acc[4] = {};
+    for (int64_t j = 0; j < L; ++j) {
+      E::store(gv + j * e, E::load(gv + j * e) + gpd[j] * gi);
+      E::store(gk + j * e, E::load(gk + j * e) + gs[j] * qi);
+      acc[j % 4] += gs[j] * E::load(k + j * e);
+    }
+    E::store(gq + i * e, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+  }
+}
+
+template <int e>
+void forward_all(const Attention& A, float* out, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> kt(e * A.Lp), row(A.Lp);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < A.B; ++b) forward_block<e>(A, b, kt.data(), row.data(), out);
+  }
+}
+
+template <int e>
+void backward_all(const Attention& A, const float* g, float* gq, float* gk, float* gv,
+                  int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> vt(e * A.Lp), gpd(A.Lp), gs(A.Lp);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < A.B; ++b)
+      backward_block<e>(A, b, g, vt.data(), gpd.data(), gs.data(), gq, gk, gv);
+  }
+}
+
+#define TITANS_HEAD_WIDTHS(fn, e, ...)  \
+  switch (e) {                          \
+    case 4: fn<4>(__VA_ARGS__); break;  \
+    case 8: fn<8>(__VA_ARGS__); break;  \
+    case 16: fn<16>(__VA_ARGS__); break; \
+    case 32: fn<32>(__VA_ARGS__); break; \
+    default: return 0;                  \
+  }
+
+}  // namespace
+
+extern "C" {
+
+int titans_attention_supported(int64_t e) { return e == 4 || e == 8 || e == 16 || e == 32; }
+
+int64_t titans_attention_padded(int64_t L) { return (L + V - 1) / V * V; }
+
+// out (B, L, e) = dropout(softmax(q k^T / sqrt(e))) v; p (B, L, Lp) receives the softmax weights
+// (before dropout) for the backward pass. Returns 0 for an unsupported head width.
+int titans_attention_forward(const float* q, const float* k, const float* v, int64_t B,
+                             int64_t L, int64_t e, uint64_t seed, uint32_t threshold,
+                             float keep_scale, float* p, float* out, int threads) {
+  const Attention A{q, k, v, p, B, L, titans_attention_padded(L), 1.0f / std::sqrt(float(e)),
+                    seed, threshold, keep_scale};
+  TITANS_HEAD_WIDTHS(forward_all, e, A, out, threads < 1 ? 1 : threads)
+  return 1;
+}
+
+// gq, gk, gv (B, L, e) from g = d loss / d out and the forward's inputs and weights p.
+int titans_attention_backward(const float* q, const float* k, const float* v, const float* p,
+                              const float* g, int64_t B, int64_t L, int64_t e, uint64_t seed,
+                              uint32_t threshold, float keep_scale, float* gq, float* gk,
+                              float* gv, int threads) {
+  const Attention A{q, k, v, const_cast<float*>(p), B, L, titans_attention_padded(L),
+                    1.0f / std::sqrt(float(e)), seed, threshold, keep_scale};
+  TITANS_HEAD_WIDTHS(backward_all, e, A, g, gq, gk, gv, threads < 1 ? 1 : threads)
+  return 1;
+}
+
+}  // extern "C"
