@@ -38,7 +38,7 @@ template <int e>
 struct Row {
   typedef float type __attribute__((vector_size(e * 4)));
   static type load(const float* p) { type r; std::memcpy(&r, p, sizeof r); return r; }
-  static void store(float* p, type r) { std::memcpy(p, &r, sizeof r); }
+  static void store(float* p, const type& r) { std::memcpy(p, &r, sizeof r); }
 };
 
 // x^T of one (window, head) block, (e, Lp), zero in the padding columns.

@@ -23,12 +23,11 @@ inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return vf{} + s; }
 
 #if defined(__AVX512F__)
-// exp(x) for x clamped to [-87.3, 88]: Cephes' single-precision polynomial (about 1 ulp), the
-// 2^n scaling by vscalefps. A NaN comes out as a finite number: callers that must carry NaN
-// through multiply by their own input afterwards.
+// exp(x) for x clamped to at most 88: Cephes' single-precision polynomial (about 1 ulp), the
+// 2^n scaling by vscalefps, which also takes very negative x to 0. A NaN comes out as a finite
+// number: callers that must carry NaN through multiply by their own input afterwards.
 inline vf exp_(vf v) {
-  const __m512 x = _mm512_min_ps(_mm512_max_ps((__m512)v, _mm512_set1_ps(-87.33654475f)),
-                                 _mm512_set1_ps(88.0f));
+  const __m512 x = _mm512_min_ps((__m512)v, _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln2, in two parts
@@ -118,9 +117,10 @@ inline vu hash32(vu h) {
 
 // All ones in the lanes of columns j..j+V of a row (key) that are kept: draw >= threshold.
 inline vu keep_lanes(uint32_t key, int64_t j, uint32_t threshold) {
-  vu lanes;
-  for (int l = 0; l < V; ++l) lanes[l] = static_cast<uint32_t>(j + l) * 0x9E3779B9u;
-  return (vu)(hash32(lanes ^ key) >= threshold);
+  constexpr uint32_t G = 0x9E3779B9u;
+  const vu lanes = {0, G, 2 * G, 3 * G, 4 * G, 5 * G, 6 * G, 7 * G, 8 * G, 9 * G, 10 * G, 11 * G,
+                    12 * G, 13 * G, 14 * G, 15 * G};
+  return (vu)(hash32((lanes + static_cast<uint32_t>(j) * G) ^ key) >= threshold);
 }
 
 }  // namespace
