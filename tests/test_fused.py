@@ -245,3 +245,26 @@ def test_training_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     layer.eval()
     layer(x)
     assert calls == [0.1]  # evaluation keeps the library's products
+
+
+def test_add_layer_norm_equals_the_library_layer_norm():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(7, 36, 16, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(7, 36, 16, dtype=torch.float64, requires_grad=True) * 3
+    assert fused.supports_layer_norm(x.float(), norm)
+    xf, rf = x.detach().float().requires_grad_(True), r.detach().float().requires_grad_(True)
+    out = fused.add_layer_norm(xf, rf, norm)
+    ref = F.layer_norm(x + r, (16,), norm.weight.double(), norm.bias.double(), norm.eps)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [xf, rf, norm.weight, norm.bias], g.float())
+    w = norm.weight.detach().double().requires_grad_(True)
+    b = norm.bias.detach().double().requires_grad_(True)
+    ref = F.layer_norm(x + r, (16,), w, b, norm.eps)
+    want = torch.autograd.grad(ref, [x, r, w, b], g)
+    for a, bb in zip(got, want):
+        torch.testing.assert_close(a.double(), bb, rtol=1e-4, atol=1e-4)
+    assert not fused.supports_layer_norm(x.float(), torch.nn.LayerNorm(8))

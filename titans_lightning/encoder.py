@@ -172,8 +172,14 @@ class EncoderLayer(nn.Module):
             else:
                 drops = _draw_together([N * self.nhead * L * L, N * L * d, N * L * d], self.p,
                                        x.device)
-        x = self.norm1(x + self._drop(self._attend(x, drops[0]), drops[1]))  # (N, L, d)
-        return self.norm2(x + self._drop(self.feed_forward(x), drops[2]))
+        x = self._add_norm(x, self._drop(self._attend(x, drops[0]), drops[1]), self.norm1)
+        return self._add_norm(x, self._drop(self.feed_forward(x), drops[2]), self.norm2)
+
+    def _add_norm(self, x: Tensor, r: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """``norm(x + r)`` (N, L, d): the residual connection and the post-norm."""
+        if self.fused and fused.supports_layer_norm(x, norm):
+            return fused.add_layer_norm(x, r, norm)
+        return norm(x + r)
 
     def _fused_attention(self, x: Tensor) -> bool:
         """The attention kernel pays off in training (its backward pass); in evaluation the

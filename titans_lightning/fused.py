@@ -1,5 +1,6 @@
-"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``) and attention core
-(``csrc/attention.cpp``), and the two-layer neural memory (``csrc/memory_mlp.cpp``).
+"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``), attention core
+(``csrc/attention.cpp``) and residual + layer norm (``csrc/layer_norm.cpp``), and the two-layer
+neural memory (``csrc/memory_mlp.cpp``).
 
 Shape legend
     M  rows (tokens of all windows)    d  row width (16)    f  feed-forward width
@@ -140,6 +141,41 @@ class _Attention(torch.autograd.Function):
         return gq, gk, gv, None, None
 
 
+def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
+    """Whether the kernel can compute ``norm(x + r)`` for rows x (..., 16)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and tuple(norm.normalized_shape) == (ROW_WIDTH,) and norm.weight is not None
+            and norm.bias is not None and library() is not None)
+
+
+def add_layer_norm(x: Tensor, r: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
+    """``norm(x + r)``, the residual connection and layer norm in one pass; differentiable."""
+    return _AddLayerNorm.apply(x, r, norm.weight, norm.bias, norm.eps)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, r, w, b, eps: float):
+        x, r, w, b = (t.detach().contiguous() for t in (x, r, w, b))
+        out = torch.empty_like(x)
+        library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
+                                            x.numel() // ROW_WIDTH, eps, out.data_ptr())
+        ctx.save_for_backward(x, r, w)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, r, w = ctx.saved_tensors
+        g = g.contiguous()
+        gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
+        library().titans_layer_norm_backward(x.data_ptr(), r.data_ptr(), w.data_ptr(),
+                                             g.data_ptr(), x.numel() // ROW_WIDTH, ctx.eps,
+                                             gx.data_ptr(), gw.data_ptr(), gb.data_ptr())
+        return gx, gx, gw, gb, None
+
+
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
@@ -223,6 +259,10 @@ def library() -> ctypes.CDLL | None:
                                              ctypes.c_float, _P, _P, ctypes.c_int]
     lib.titans_attention_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _U64, _U32,
                                               ctypes.c_float, _P, _P, _P, ctypes.c_int]
+    lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P]
+    lib.titans_layer_norm_forward.restype = None
+    lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]
+    lib.titans_layer_norm_backward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]
     lib.titans_mlp_forward.restype = ctypes.c_int

@@ -176,6 +176,18 @@ class NeuralMemory(nn.Module):
             return fused.memory_forward(q, flat, self.hidden, keep=False)[0]
         return _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))[0]
 
+    def recall_error(self, keys: Tensor, values: Tensor) -> Tensor:
+        """How badly the memory recalls ``values`` (S, R, d) from ``keys``: per slot, the sum over
+        features of the mean over rows of ``(M(keys) - values)^2`` (S,), differentiable with
+        respect to the fast weights. The reference's surprise (Eq. 12); one autograd node where
+        the CPU kernel applies, so a strategy that uses it updates faster than one that spells
+        it out."""
+        flat = self.fast_weights
+        if (self.num_layers == 2 and not self.differentiable
+                and fused.supports_memory(keys, flat, self.hidden)):
+            return _RecallError.apply(keys, values, flat, self.hidden)
+        return (self.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
+
     # -- strategy state -----------------------------------------------------------------------
     @property
     def state(self) -> StrategyState:
@@ -400,6 +412,26 @@ class _TwoLayerMemory(torch.autograd.Function):
             gw2 = torch.bmm(g.transpose(1, 2), s)  # (S, d, h)
             gflat = torch.cat([gw1.flatten(1), ga.sum(1), gw2.flatten(1), g.sum(1)], dim=1)
         return gq, gflat
+
+
+class _RecallError(torch.autograd.Function):
+    """``sum_features mean_rows (M(keys) - values)^2`` per slot, with the memory on the kernel."""
+
+    @staticmethod
+    def forward(ctx, keys: Tensor, values: Tensor, flat: Tensor, hidden: int) -> Tensor:
+        out, a, s = fused.memory_forward(keys, flat, hidden, keep=True)
+        diff = out.sub_(values)  # (S, R, d)
+        ctx.save_for_backward(keys, flat, a, s, diff)
+        return diff.square().sum((1, 2)) / keys.shape[1]  # (S,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        keys, flat, a, s, diff = ctx.saved_tensors
+        g_out = diff * (g * (2.0 / keys.shape[1]))[:, None, None]  # (S, R, d)
+        need_keys, need_values, need_flat = ctx.needs_input_grad[:3]
+        g_keys, g_flat = fused.memory_backward(keys, flat, a, s, g_out, need_keys, need_flat)
+        return g_keys, -g_out if need_values else None, g_flat, None
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:

@@ -38,8 +38,7 @@ def compute_keys_values(memory, x):
 
 
 def compute_surprise(memory, keys, values):
-    # sum over features of the mean over rows, as one sum (its backward is one expand)
-    return (memory.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
+    return memory.recall_error(keys, values)  # sum_features mean_rows (M(k) - v)^2, (S,)
 
 
 def apply_update(memory, grads, surprise):
