@@ -34,21 +34,28 @@ template <int dv, int hv>
 void forward_row(const Slot& w, const float* q, float* out, float* a_out, float* s_out) {
   constexpr int64_t d = dv * V, h = hv * V;
   alignas(64) float s[hv * V];
-  vf acc[hv];
-  for (int v = 0; v < hv; ++v) acc[v] = load(w.b1 + v * V);
-  for (int64_t k = 0; k < d; ++k)
-    for (int v = 0; v < hv; ++v) acc[v] += q[k] * load(w.w1t.data() + k * h + v * V);
+  // Sums are split over two (four) partial accumulators: one accumulator would make every
+  // multiply-add wait for the previous one.
+  vf acc[hv], odd[hv];
+  for (int v = 0; v < hv; ++v) acc[v] = load(w.b1 + v * V), odd[v] = vf{};
+  for (int64_t k = 0; k < d; k += 2)
+    for (int v = 0; v < hv; ++v) {
+      acc[v] += q[k] * load(w.w1t.data() + k * h + v * V);
+      odd[v] += q[k + 1] * load(w.w1t.data() + (k + 1) * h + v * V);
+    }
+  for (int v = 0; v < hv; ++v) acc[v] += odd[v];
   for (int v = 0; v < hv; ++v) {
     const vf sv = acc[v] * sigmoid(acc[v]);
     store(s + v * V, sv);
     if (a_out) store(a_out + v * V, acc[v]);
     if (s_out) store(s_out + v * V, sv);
   }
-  vf o[dv];
-  for (int u = 0; u < dv; ++u) o[u] = load(w.b2 + u * V);
-  for (int64_t j = 0; j < h; ++j)
-    for (int u = 0; u < dv; ++u) o[u] += s[j] * load(w.w2t.data() + j * d + u * V);
-  for (int u = 0; u < dv; ++u) store(out + u * V, o[u]);
+  vf o[4][dv];
+  for (int u = 0; u < dv; ++u) o[0][u] = load(w.b2 + u * V), o[1][u] = o[2][u] = o[3][u] = vf{};
+  for (int64_t j = 0; j < h; j += 4)
+    for (int t = 0; t < 4; ++t)
+      for (int u = 0; u < dv; ++u) o[t][u] += s[j + t] * load(w.w2t.data() + (j + t) * d + u * V);
+  for (int u = 0; u < dv; ++u) store(out + u * V, (o[0][u] + o[1][u]) + (o[2][u] + o[3][u]));
 }
 
 // The backward pass of one slot: gq (R, d) when given, gflat (n) when given.
@@ -64,17 +71,23 @@ void backward_slot(const Slot& w, const float* q, const float* a, const float* s
       const int64_t row = r0 + b;
       const float* gr = g + row * d;
       for (int v = 0; v < hv; ++v) {  // through W2, then silu
-        vf gs = vf{};
-        for (int64_t u = 0; u < d; ++u) gs += gr[u] * load(w.w2 + u * h + v * V);
+        vf gs = vf{}, odd = vf{};
+        for (int64_t u = 0; u < d; u += 2) {
+          gs += gr[u] * load(w.w2 + u * h + v * V);
+          odd += gr[u + 1] * load(w.w2 + (u + 1) * h + v * V);
+        }
+        gs += odd;
         const vf av = load(a + row * h + v * V), sig = sigmoid(av);
         store(ga[b] + v * V, gs * sig * (1.0f + av * (1.0f - sig)));
       }
       if (gq) {
-        vf acc[dv];
-        for (int u = 0; u < dv; ++u) acc[u] = vf{};
-        for (int64_t j = 0; j < h; ++j)
-          for (int u = 0; u < dv; ++u) acc[u] += ga[b][j] * load(w.w1 + j * d + u * V);
-        for (int u = 0; u < dv; ++u) store(gq + row * d + u * V, acc[u]);
+        vf acc[4][dv] = {};
+        for (int64_t j = 0; j < h; j += 4)
+          for (int t = 0; t < 4; ++t)
+            for (int u = 0; u < dv; ++u)
+              acc[t][u] += ga[b][j + t] * load(w.w1 + (j + t) * d + u * V);
+        for (int u = 0; u < dv; ++u)
+          store(gq + row * d + u * V, (acc[0][u] + acc[1][u]) + (acc[2][u] + acc[3][u]));
       }
     }
     if (!gw1) continue;
