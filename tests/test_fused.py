@@ -232,7 +232,7 @@ def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
-def test_training_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
+def test_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     calls = []
     original = fused.attention
     monkeypatch.setattr(fused, "attention", lambda *a: calls.append(a[3]) or original(*a))
@@ -244,7 +244,7 @@ def test_training_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
     layer.eval()
     layer(x)
-    assert calls == [0.1]  # evaluation keeps the library's products
+    assert calls == [0.1, 0.0]  # evaluation: no dropout
 
 
 def test_add_layer_norm_equals_the_library_layer_norm():

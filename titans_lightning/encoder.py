@@ -183,10 +183,7 @@ class EncoderLayer(nn.Module):
         return norm(x + r)
 
     def _fused_attention(self, x: Tensor) -> bool:
-        """The attention kernel pays off in training (its backward pass); in evaluation the
-        library's batched products are as fast."""
-        return (self.fused and self.training and 0.0 < self.p < 1.0
-                and fused.supports_attention(x, x.shape[-1] // self.nhead))
+        return self.fused and self.p < 1.0 and fused.supports_attention(x, x.shape[-1] // self.nhead)
 
     def attend(self, x: Tensor) -> Tensor:
         return self._attend(x, None)
@@ -199,7 +196,8 @@ class EncoderLayer(nn.Module):
         qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).reshape(3, N * h, L, d // h)
         q, k, v = qkv  # (N*h, L, d/h) each, contiguous for the batched products
         if self._fused_attention(x):
-            out = fused.attention(q, k, v, self.p).view(N, h, L, d // h)
+            p = self.p if self.training else 0.0
+            out = fused.attention(q, k, v, p).view(N, h, L, d // h)
             return attn.out_proj(out.transpose(1, 2).reshape(N, L, d))
         scores = torch.bmm(q * (1.0 / math.sqrt(d // h)), k.transpose(1, 2))  # (N*h, L, L)
         weights = self._drop(torch.softmax(scores, dim=-1), weight_drops)

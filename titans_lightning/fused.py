@@ -99,9 +99,9 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
 
 
 def supports_attention(x: Tensor, head_width: int) -> bool:
-    """Whether the kernel can run the attention core of heads of width e on x's device/dtype."""
+    """Whether the kernel can run the attention core of x (N, L, d) with heads of width e."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
-            and bool(library().titans_attention_supported(head_width)))
+            and bool(library().titans_attention_supported(head_width, x.shape[-2])))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
@@ -109,20 +109,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
-    return _Attention.apply(q, k, v, p, seed)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return _Attention.apply(q, k, v, p, seed, differentiable)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: float, seed: int):
+    def forward(ctx, q, k, v, p: float, seed: int, differentiable: bool = True):
         q, k, v = (t.detach().contiguous() for t in (q, k, v))
         B, L, e = q.shape
         lib = library()
-        weights = q.new_empty(B, L, lib.titans_attention_padded(L))  # softmax, before dropout
+        # the softmax weights before dropout, kept for the backward pass
+        weights = q.new_empty(B, L, lib.titans_attention_padded(L)) if differentiable else None
         out = torch.empty_like(q)
         lib.titans_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, L, e, seed,
-                                     _threshold(p), _scale(p), weights.data_ptr(), out.data_ptr(),
-                                     torch.get_num_threads())
+                                     _threshold(p), _scale(p),
+                                     weights.data_ptr() if differentiable else None,
+                                     out.data_ptr(), torch.get_num_threads())
         ctx.save_for_backward(q, k, v, weights)
         ctx.p, ctx.seed = p, seed
         return out
@@ -138,7 +141,7 @@ class _Attention(torch.autograd.Function):
             q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), g.data_ptr(), B, L, e,
             ctx.seed, _threshold(ctx.p), _scale(ctx.p), gq.data_ptr(), gk.data_ptr(),
             gv.data_ptr(), torch.get_num_threads())
-        return gq, gk, gv, None, None
+        return gq, gk, gv, None, None, None
 
 
 def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
@@ -252,7 +255,7 @@ def library() -> ctypes.CDLL | None:
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
     lib.titans_ffn_keep.restype = None
-    lib.titans_attention_supported.argtypes = [_I64]
+    lib.titans_attention_supported.argtypes = [_I64, _I64]
     lib.titans_attention_padded.argtypes = [_I64]
     lib.titans_attention_padded.restype = _I64
     lib.titans_attention_forward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _U64, _U32,

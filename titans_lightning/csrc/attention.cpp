@@ -25,7 +25,7 @@ namespace {
 
 struct Attention {
   const float *q, *k, *v;  // (B, L, e)
-  float* p;                // (B, L, Lp): the softmax weights, before dropout
+  float* p;                // (B, L, Lp): the softmax weights, before dropout (or null)
   int64_t B, L, Lp;
   float scale;             // 1 / sqrt(e)
   uint64_t seed;
@@ -55,38 +55,43 @@ inline vf drop(const Attention& A, vf p, uint32_t key, int64_t j0) {
   return keep_lanes(key, j0, A.threshold) ? p * A.keep_scale : vf{};
 }
 
+// Lanes of key block t that hold real keys (the last block is padded).
+inline vu valid_lanes(int64_t L, int64_t t) {
+  vu lane;
+  for (int l = 0; l < V; ++l) lane[l] = static_cast<uint32_t>(l);
+  return (vu)(lane + static_cast<uint32_t>(t * V) < static_cast<uint32_t>(L));
+}
+
 template <int e>
 void forward_block(const Attention& A, int64_t b, float* kt, float* row, float* out) {
+  constexpr int MAX_BLOCKS = 16;  // L <= 256
   const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
   const float *q = A.q + b * L * e, *k = A.k + b * L * e, *v = A.v + b * L * e;
+  const vu last = valid_lanes(L, nv - 1);
+  const vf minus_inf = splat(-INFINITY);
   transpose_padded<e>(k, L, Lp, kt);
   for (int64_t i = 0; i < L; ++i) {
-    float m = -3.0e38f;
-    for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e)
-      vf s = vf{};
-      for (int c = 0; c < e; ++c) s += (q[i * e + c] * A.scale) * load(kt + c * Lp + t * V);
-      store(row + t * V, s);
-      if ((t + 1) * V <= L) {
-        const float top = hmax(s);
-        m = top > m ? top : m;
-      } else {
-        for (int64_t j = t * V; j < L; ++j) m = row[j] > m ? row[j] : m;
-      }
+    vf s[MAX_BLOCKS];
+    vf top = minus_inf;
+    for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e), padding at -inf
+      vf acc = vf{};
+      for (int c = 0; c < e; ++c) acc += (q[i * e + c] * A.scale) * load(kt + c * Lp + t * V);
+      s[t] = t == nv - 1 ? (last ? acc : minus_inf) : acc;
+      top = s[t] > top ? s[t] : top;
     }
+    const float m = hmax(top);
     vf total = vf{};
     for (int64_t t = 0; t < nv; ++t) {
-      vf w = exp_(load(row + t * V) - m);
-      if ((t + 1) * V > L)
-        for (int l = 0; l < V; ++l) w[l] = t * V + l < L ? w[l] : 0.0f;
-      store(row + t * V, w);
-      total += w;
+      s[t] = exp_(s[t] - m);
+      if (t == nv - 1) s[t] = last ? s[t] : vf{};
+      total += s[t];
     }
     const float inv = 1.0f / hsum(total);
     const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
-    float* p = A.p + (b * L + i) * Lp;
+    float* p = A.p ? A.p + (b * L + i) * Lp : nullptr;
     for (int64_t t = 0; t < nv; ++t) {
-      const vf w = load(row + t * V) * inv;
-      store(p + t * V, w);
+      const vf w = s[t] * inv;
+      if (p) store(p + t * V, w);
       store(row + t * V, drop(A, w, key, t * V));
     }
     using E = Row<e>;
@@ -174,12 +179,14 @@ void backward_all(const Attention& A, const float* g, float* gq, float* gk, floa
 
 extern "C" {
 
-int titans_attention_supported(int64_t e) { return e == 4 || e == 8 || e == 16 || e == 32; }
+int titans_attention_supported(int64_t e, int64_t L) {
+  return (e == 4 || e == 8 || e == 16 || e == 32) && L >= 1 && L <= 256;
+}
 
 int64_t titans_attention_padded(int64_t L) { return (L + V - 1) / V * V; }
 
-// out (B, L, e) = dropout(softmax(q k^T / sqrt(e))) v; p (B, L, Lp) receives the softmax weights
-// (before dropout) for the backward pass. Returns 0 for an unsupported head width.
+// out (B, L, e) = dropout(softmax(q k^T / sqrt(e))) v; p (B, L, Lp), unless null, receives the
+// softmax weights (before dropout) for the backward pass. Returns 0 for unsupported sizes.
 int titans_attention_forward(const float* q, const float* k, const float* v, int64_t B,
                              int64_t L, int64_t e, uint64_t seed, uint32_t threshold,
                              float keep_scale, float* p, float* out, int threads) {
