@@ -268,3 +268,19 @@ def test_add_layer_norm_equals_the_library_layer_norm():
     for a, bb in zip(got, want):
         torch.testing.assert_close(a.double(), bb, rtol=1e-4, atol=1e-4)
     assert not fused.supports_layer_norm(x.float(), torch.nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("then_silu", [False, True])
+def test_query_kernel_equals_linear_normalize_silu(then_silu):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 16)
+    x = torch.randn(5, 37, 16)
+    x[0, 0] = 0.0  # the query of a zero row: the bias, normalised
+    with torch.no_grad():
+        linear.weight[:, :] = linear.weight * 3
+        assert fused.supports_query(x, linear)
+        got = fused.query(x, linear, then_silu)
+        want = F.normalize(linear(x), dim=-1)
+        want = F.silu(want) if then_silu else want
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not fused.supports_query(x, linear)  # with a gradient: the library's operators

@@ -1,6 +1,6 @@
 """Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``), attention core
-(``csrc/attention.cpp``) and residual + layer norm (``csrc/layer_norm.cpp``), and the two-layer
-neural memory (``csrc/memory_mlp.cpp``).
+(``csrc/attention.cpp``) and residual + layer norm (``csrc/rows.cpp``), the MAC query
+(``csrc/rows.cpp``), and the two-layer neural memory (``csrc/memory_mlp.cpp``).
 
 Shape legend
     M  rows (tokens of all windows)    d  row width (16)    f  feed-forward width
@@ -179,6 +179,23 @@ class _AddLayerNorm(torch.autograd.Function):
         return gx, gx, gw, gb, None
 
 
+def supports_query(x: Tensor, linear: torch.nn.Linear) -> bool:
+    """Whether the kernel can compute the MAC query of rows x (..., 16) without a gradient."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and linear.in_features == linear.out_features == ROW_WIDTH
+            and linear.bias is not None and library() is not None)
+
+
+def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
+    """``normalize(linear(x))`` over the last dimension, then silu if asked; no autograd."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().titans_query_forward(x.data_ptr(), linear.weight.data_ptr(),
+                                   linear.bias.data_ptr(), x.numel() // ROW_WIDTH,
+                                   int(then_silu), out.data_ptr())
+    return out
+
+
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
@@ -266,6 +283,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_layer_norm_forward.restype = None
     lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]
     lib.titans_layer_norm_backward.restype = None
+    lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P]
+    lib.titans_query_forward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]
     lib.titans_mlp_forward.restype = ctypes.c_int

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .encoder import EncoderLayer
 from .memory import NeuralMemory
 
@@ -43,13 +44,20 @@ class MACLayer(nn.Module):
         N, C, d = x.shape  # (N, C, d)
         y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
         self.memory.update(y)
-        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # (S, N*C/S, d), with M'
+        z = self.memory.retrieve(self.ask(y, then_silu=False))  # (S, N*C/S, d), with M'
         return (y * torch.sigmoid(z)).reshape(N, C, d)
+
+    def ask(self, x: Tensor, then_silu: bool) -> Tensor:
+        """The memory query ``normalize(Q x)`` (then silu, step 1) of rows x (..., d)."""
+        if fused.supports_query(x, self.query):  # no gradient: one kernel call
+            return fused.query(x, self.query, then_silu)
+        q = F.normalize(self.query(x), dim=-1)
+        return F.silu(q) if then_silu else q
 
     def attend(self, x: Tensor) -> Tensor:
         """Steps 1-4: retrieve with the current memory, attend, project -> y (N, C*d)."""
         N, C, d = x.shape
-        q = F.silu(F.normalize(self.query(x), dim=-1))  # (N, C, d)
+        q = self.ask(x, then_silu=True)  # (N, C, d)
         h = self.memory.retrieve(q.reshape(self.memory.n_slots, -1, d)).reshape(N, C, d)
         ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
         return self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
@@ -66,7 +74,7 @@ class CausalMACLayer(MACLayer):
     def forward(self, x: Tensor) -> Tensor:
         N, C, d = x.shape  # (N, C, d)
         y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
-        z = self.memory.retrieve(F.normalize(self.query(y), dim=-1))  # with M, before storing
+        z = self.memory.retrieve(self.ask(y, then_silu=False))  # with M, before storing
         self.memory.update(y)
         return (y * torch.sigmoid(z)).reshape(N, C, d)
 

@@ -1,6 +1,8 @@
-// The encoder layer's residual connection and layer norm, y = LayerNorm(x + r), for rows of
-// width 16 (one vector), forward and backward, for the CPU. The library's layer norm is built for
-// wide rows; on 16-wide ones it costs several times the arithmetic.
+// Row-wise steps of the MAC layer on 16-wide rows (one vector each), for the CPU, where the
+// library's operators, built for wide rows, cost several times the arithmetic:
+//   * the encoder layer's residual connection and layer norm, y = LayerNorm(x + r), forward and
+//     backward;
+//   * the MAC query, silu(normalize(x W^T + b)) or normalize(x W^T + b), forward only.
 //
 // Shape legend: M rows, D = 16 row width.
 
@@ -54,6 +56,26 @@ void titans_layer_norm_backward(const float* x, const float* r, const float* w, 
   }
   store(gw, gw_acc);
   store(gb, gb_acc);
+}
+
+// out (M, D) = normalize(x W^T + b), then silu if asked (W (D, D) as nn.Linear keeps it).
+void titans_query_forward(const float* x, const float* w, const float* b, int64_t M,
+                          int then_silu, float* out) {
+  float wt[D * D];  // W^T: row k holds the weights of input k
+  for (int o = 0; o < D; ++o)
+    for (int k = 0; k < D; ++k) wt[k * D + o] = w[o * D + k];
+  const vf bv = load(b);
+  for (int64_t i = 0; i < M; ++i) {
+    vf a = bv, odd = vf{};
+    for (int k = 0; k < D; k += 2) {
+      a += x[i * D + k] * load(wt + k * D);
+      odd += x[i * D + k + 1] * load(wt + (k + 1) * D);
+    }
+    a += odd;
+    const float norm = std::sqrt(hsum(a * a));
+    a = a * (1.0f / (norm > 1e-12f ? norm : 1e-12f));  // F.normalize's eps
+    store(out + i * D, then_silu ? a * sigmoid(a) : a);
+  }
 }
 
 }  // extern "C"
