@@ -61,7 +61,28 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: f
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
+    if not _needs_grad(x, w1, b1, w2, b2):  # no autograd node: its bookkeeping costs a kernel's
+        return _feed_forward(x, w1, b1, w2, b2, p, seed, keep_bits=False)[0]
     return _FusedFeedForward.apply(x, w1, b1, w2, b2, p, seed)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool):
+    """The kernel's forward pass -> (out (M, d), the inputs made contiguous, the keep bits)."""
+    x, w1, b1, w2, b2 = (t.detach().contiguous() for t in (x, w1, b1, w2, b2))
+    M, f = x.shape[0], w1.shape[0]
+    out = x.new_empty(M, ROW_WIDTH)
+    # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
+    bits = x.new_empty((M, f // 16) if p > 0.0 and keep_bits else (0,), dtype=torch.int16)
+    failed = library().titans_ffn_forward(
+        x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), f, seed,
+        _threshold(p), _scale(p), bits.data_ptr() if bits.numel() else None, out.data_ptr(),
+        torch.get_num_threads())
+    _check(failed)
+    return out, (x, w1, b1, w2), bits
 
 
 def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
@@ -109,24 +130,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return _Attention.apply(q, k, v, p, seed, differentiable)
+    if not _needs_grad(q, k, v):
+        return _attention(q, k, v, p, seed, keep_weights=False)[0]
+    return _Attention.apply(q, k, v, p, seed)
+
+
+def _attention(q, k, v, p: float, seed: int, keep_weights: bool):
+    """The kernel's forward pass -> (out (B, L, e), the inputs made contiguous, the softmax
+    weights before dropout (B, L, Lp) if kept for a backward pass, else None)."""
+    q, k, v = (t.detach().contiguous() for t in (q, k, v))
+    B, L, e = q.shape
+    lib = library()
+    weights = q.new_empty(B, L, lib.titans_attention_padded(L)) if keep_weights else None
+    out = torch.empty_like(q)
+    lib.titans_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, L, e, seed,
+                                 _threshold(p), _scale(p),
+                                 weights.data_ptr() if keep_weights else None, out.data_ptr(),
+                                 torch.get_num_threads())
+    return out, (q, k, v), weights
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: float, seed: int, differentiable: bool = True):
-        q, k, v = (t.detach().contiguous() for t in (q, k, v))
-        B, L, e = q.shape
-        lib = library()
-        # the softmax weights before dropout, kept for the backward pass
-        weights = q.new_empty(B, L, lib.titans_attention_padded(L)) if differentiable else None
-        out = torch.empty_like(q)
-        lib.titans_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, L, e, seed,
-                                     _threshold(p), _scale(p),
-                                     weights.data_ptr() if differentiable else None,
-                                     out.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(q, k, v, weights)
+    def forward(ctx, q, k, v, p: float, seed: int):
+        out, inputs, weights = _attention(q, k, v, p, seed, keep_weights=True)
+        ctx.save_for_backward(*inputs, weights)
         ctx.p, ctx.seed = p, seed
         return out
 
@@ -141,7 +169,7 @@ class _Attention(torch.autograd.Function):
             q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), g.data_ptr(), B, L, e,
             ctx.seed, _threshold(ctx.p), _scale(ctx.p), gq.data_ptr(), gk.data_ptr(),
             gv.data_ptr(), torch.get_num_threads())
-        return gq, gk, gv, None, None, None
+        return gq, gk, gv, None, None
 
 
 def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
@@ -153,17 +181,25 @@ def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
 
 def add_layer_norm(x: Tensor, r: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
     """``norm(x + r)``, the residual connection and layer norm in one pass; differentiable."""
+    if not _needs_grad(x, r, norm.weight, norm.bias):
+        return _add_layer_norm(x, r, norm.weight, norm.bias, norm.eps)[0]
     return _AddLayerNorm.apply(x, r, norm.weight, norm.bias, norm.eps)
+
+
+def _add_layer_norm(x, r, w, b, eps: float):
+    """The kernel's forward pass -> (out, the inputs its backward pass needs)."""
+    x, r, w, b = (t.detach().contiguous() for t in (x, r, w, b))
+    out = torch.empty_like(x)
+    library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
+                                        x.numel() // ROW_WIDTH, eps, out.data_ptr())
+    return out, (x, r, w)
 
 
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, w, b, eps: float):
-        x, r, w, b = (t.detach().contiguous() for t in (x, r, w, b))
-        out = torch.empty_like(x)
-        library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
-                                            x.numel() // ROW_WIDTH, eps, out.data_ptr())
-        ctx.save_for_backward(x, r, w)
+        out, inputs = _add_layer_norm(x, r, w, b, eps)
+        ctx.save_for_backward(*inputs)
         ctx.eps = eps
         return out
 
@@ -206,17 +242,8 @@ def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
 class _FusedFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, p: float, seed: int):
-        x, w1, b1, w2, b2 = (t.detach().contiguous() for t in (x, w1, b1, w2, b2))
-        M, f = x.shape[0], w1.shape[0]
-        out = x.new_empty(M, ROW_WIDTH)
-        # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
-        bits = x.new_empty((M, f // 16) if p > 0.0 else (0,), dtype=torch.int16)
-        failed = library().titans_ffn_forward(
-            x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), f, seed,
-            _threshold(p), _scale(p), bits.data_ptr() if p > 0.0 else None, out.data_ptr(),
-            torch.get_num_threads())
-        _check(failed)
-        ctx.save_for_backward(x, w1, b1, w2, bits)
+        out, inputs, bits = _feed_forward(x, w1, b1, w2, b2, p, seed, keep_bits=True)
+        ctx.save_for_backward(*inputs, bits)
         ctx.p, ctx.seed = p, seed
         return out
 
