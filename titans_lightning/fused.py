@@ -101,7 +101,8 @@ def memory_forward(q: Tensor, flat: Tensor, hidden: int, keep: bool
     out = q.new_empty(S, R, d)
     a, s = (q.new_empty(S, R, hidden), q.new_empty(S, R, hidden)) if keep else (None, None)
     library().titans_mlp_forward(q.data_ptr(), flat.data_ptr(), S, R, d, hidden, out.data_ptr(),
-                                 a.data_ptr() if keep else None, s.data_ptr() if keep else None)
+                                 a.data_ptr() if keep else None, s.data_ptr() if keep else None,
+                                 torch.get_num_threads())
     return out, a, s
 
 
@@ -313,7 +314,7 @@ def library() -> ctypes.CDLL | None:
     lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P]
     lib.titans_query_forward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
-    lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P]
+    lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     lib.titans_mlp_forward.restype = ctypes.c_int
     lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_backward.restype = ctypes.c_int

@@ -6,6 +6,10 @@
 // Shape legend: S slots, R rows per slot, d width (16 or 32), h hidden width (16, 32 or 64).
 // Fast weights per slot, flat: [W1 (h, d) | b1 (h) | W2 (d, h) | b2 (d)].
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include <vector>
 
 #include "vector.h"
@@ -119,10 +123,11 @@ void backward_slot(const Slot& w, const float* q, const float* a, const float* s
 
 template <int dv, int hv>
 void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, float* out, float* a,
-                   float* s) {
+                   float* s, int threads) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
+#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 512)
     for (int64_t r = 0; r < R; ++r) {
       const int64_t row = i * R + r;
       forward_row<dv, hv>(w, q + row * d, out + row * d, a ? a + row * h : nullptr,
@@ -163,11 +168,12 @@ int titans_mlp_supported(int64_t d, int64_t h) {
 }
 
 // out (S, R, d) = M(q) for q (S, R, d); with a and s given (S, R, h), also the pre-activation
-// and the activation the backward pass needs. Returns 0 for an unsupported width.
+// and the activation the backward pass needs; rows split over up to `threads` threads when there
+// are enough of them. Returns 0 for an unsupported width.
 int titans_mlp_forward(const float* q, const float* flat, int64_t S, int64_t R, int64_t d,
-                       int64_t h, float* out, float* a, float* s) {
+                       int64_t h, float* out, float* a, float* s, int threads) {
   if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(forward_slots, d, h, q, flat, S, R, out, a, s)
+  TITANS_DISPATCH(forward_slots, d, h, q, flat, S, R, out, a, s, threads < 1 ? 1 : threads)
 }
 
 // Given g = d loss / d out (S, R, d) and the forward's a, s: gq (S, R, d) when given, and the
