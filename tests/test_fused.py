@@ -1,5 +1,6 @@
 """The fused CPU feed-forward computes linear2(dropout(silu(linear1(x)))) and its gradients."""
 import math
+import platform
 import warnings
 
 import pytest
@@ -284,3 +285,20 @@ def test_query_kernel_equals_linear_normalize_silu(then_silu):
         want = F.silu(want) if then_silu else want
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not fused.supports_query(x, linear)  # with a gradient: the library's operators
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 compiler flag")
+def test_portable_vector_code_computes_the_same(monkeypatch, tmp_path):
+    """The build without AVX-512 (what a machine without it compiles) matches the references."""
+    monkeypatch.setenv("TITANS_LIGHTNING_CXXFLAGS", "-mno-avx512f")
+    monkeypatch.setenv("TITANS_LIGHTNING_CACHE", str(tmp_path))
+    fused.library.cache_clear()
+    try:
+        assert fused.library() is not None
+        test_forward_and_backward_equal_the_explicit_mask(13, 0.1)
+        test_attention_equals_softmax_with_the_explicit_mask(3, 5, 4, 0.1)
+        test_memory_kernel_equals_the_library_products(3, 7, 16, 32)
+        test_add_layer_norm_equals_the_library_layer_norm()
+        test_query_kernel_equals_linear_normalize_silu(True)
+    finally:
+        fused.library.cache_clear()

@@ -20,7 +20,8 @@ The two-layer memory's forward and backward pass (:func:`memory_forward`,
 
 The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` or ``c++``) for its
 own vector instructions and cached (``$TITANS_LIGHTNING_CACHE``, default
-``~/.cache/titans_lightning``). Where no compiler is found, the build fails, or
+``~/.cache/titans_lightning``); ``$TITANS_LIGHTNING_CXXFLAGS`` adds compiler flags (for example
+``-mno-avx512f`` for the portable vector code). Where no compiler is found, the build fails, or
 ``TITANS_LIGHTNING_FUSED=0`` is set, :func:`supports` says no and the encoder uses its plain
 PyTorch path, which computes the same function.
 """
@@ -327,8 +328,9 @@ def _build() -> Path:
         or shutil.which("clang++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found")
+    flags = FLAGS + os.environ.get("TITANS_LIGHTNING_CXXFLAGS", "").split()
     code = [path.read_bytes() for path in SOURCES + HEADERS]
-    key = hashlib.sha256(b"\0".join([*code, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([*code, " ".join(flags).encode(), compiler.encode(),
                                      _cpu_signature()])).hexdigest()[:16]
     cache = Path(os.environ.get("TITANS_LIGHTNING_CACHE")
                  or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -340,7 +342,7 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds never see half a file
         built = Path(tmp) / target.name
         for threading in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
-            result = subprocess.run([compiler, *FLAGS, *threading, *map(str, SOURCES), "-o",
+            result = subprocess.run([compiler, *flags, *threading, *map(str, SOURCES), "-o",
                                      str(built)], capture_output=True, text=True, timeout=300)
             if result.returncode == 0:
                 break
