@@ -21,7 +21,8 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   associate.
 * ``compute_surprise`` is the loss that drives the update, computed through the fast weights with
   ``memory.retrieve(keys)``; it returns one value per slot. The harness takes its gradient with
-  respect to every fast weight.
+  respect to every fast weight. ``memory.recall_error(keys, values)`` is the reference's MSE
+  surprise in one autograd node.
 * ``apply_update`` receives ``grads`` (same names and shapes as ``memory.weights``) and returns
   the new fast weights. It reads state with ``memory.state[name]`` and writes new state by
   *assigning* ``memory.state[name] = new_tensor`` (never in place: the harness keeps the old
