@@ -215,19 +215,21 @@ def test_neural_memory_update_is_the_same_with_and_without_the_kernel(monkeypatc
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):
+    """One head per window here; the heads of a window are covered through the encoder layer."""
     torch.manual_seed(L)
     q, k, v = (torch.randn(windows, L, e, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     seed = 1000 + L
-    out = fused._Attention.apply(*(t.float() for t in (q, k, v)), p, seed)
+    out = fused._Attention.apply(torch.cat([q, k, v], -1).float(), 1, p, seed)  # one head
     keep = (fused.keep_mask(seed, p, windows * L, L).view(windows, L, L) if p > 0
             else torch.ones(windows, L, L, dtype=torch.bool))
     weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(e), dim=-1)
     ref = (weights * keep / (1.0 - p)) @ v
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn(windows, L, e, dtype=torch.float64)
-    leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
-    got = torch.autograd.grad(fused._Attention.apply(*leaves, p, seed), leaves, g.float())
+    qkv = torch.cat([q, k, v], -1).detach().float().requires_grad_(True)
+    got = torch.autograd.grad(fused._Attention.apply(qkv, 1, p, seed), qkv, g.float())[0]
+    got = got.split(e, dim=-1)
     want = torch.autograd.grad(ref, [q, k, v], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
@@ -236,7 +238,7 @@ def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):
 def test_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     calls = []
     original = fused.attention
-    monkeypatch.setattr(fused, "attention", lambda *a: calls.append(a[3]) or original(*a))
+    monkeypatch.setattr(fused, "attention", lambda *a: calls.append(a[2]) or original(*a))
     layer = enc.EncoderLayer(16, 2, 64, 0.1)
     x = torch.randn(5, 12, 16, requires_grad=True)
     out = layer(x)

@@ -193,12 +193,10 @@ class EncoderLayer(nn.Module):
         h = self.nhead
         attn = self.self_attn
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3d)
+        if self._fused_attention(x):  # reads q, k, v in place, writes (N, L, d)
+            return attn.out_proj(fused.attention(qkv, h, self.p if self.training else 0.0))
         qkv = qkv.view(N, L, 3, h, d // h).permute(2, 0, 3, 1, 4).reshape(3, N * h, L, d // h)
         q, k, v = qkv  # (N*h, L, d/h) each, contiguous for the batched products
-        if self._fused_attention(x):
-            p = self.p if self.training else 0.0
-            out = fused.attention(q, k, v, p).view(N, h, L, d // h)
-            return attn.out_proj(out.transpose(1, 2).reshape(N, L, d))
         scores = torch.bmm(q * (1.0 / math.sqrt(d // h)), k.transpose(1, 2))  # (N*h, L, L)
         weights = self._drop(torch.softmax(scores, dim=-1), weight_drops)
         out = torch.bmm(weights, v).view(N, h, L, d // h).transpose(1, 2).reshape(N, L, d)

@@ -12,8 +12,9 @@ it. Dropout is the same Bernoulli(p) process as ``F.dropout``; the draws come fr
 counter-based hash of (seed, row, unit), the seed from torch's generator (``torch.manual_seed``
 makes runs reproducible); the forward pass keeps the decisions as bits for the backward pass.
 
-``attention(q, k, v, p)`` is ``dropout(softmax(q k^T / sqrt(e)), p) v`` per (window, head), with
-the same kind of counter-based dropout draws.
+``attention(qkv, heads, p)`` is ``dropout(softmax(q k^T / sqrt(e)), p) v`` per (window, head),
+read from and written to the layouts of the projections around it, with the same kind of
+counter-based dropout draws.
 
 The two-layer memory's forward and backward pass (:func:`memory_forward`,
 :func:`memory_backward`) do a slot's rows in one call instead of a library call per product.
@@ -127,51 +128,53 @@ def supports_attention(x: Tensor, head_width: int) -> bool:
             and bool(library().titans_attention_supported(head_width, x.shape[-2])))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
-    """``dropout(softmax(q k^T / sqrt(e)), p) v`` for q, k, v (B, L, e); differentiable."""
+def attention(qkv: Tensor, heads: int, p: float) -> Tensor:
+    """``dropout(softmax(q k^T / sqrt(e)), p) v`` per window and head, from the input projection
+    qkv (N, L, 3d) laid out as (N, L, 3, heads, e); returns (N, L, d). Differentiable."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
-    if not _needs_grad(q, k, v):
-        return _attention(q, k, v, p, seed, keep_weights=False)[0]
-    return _Attention.apply(q, k, v, p, seed)
+    if not _needs_grad(qkv):
+        return _attention(qkv, heads, p, seed, keep_weights=False)[0]
+    return _Attention.apply(qkv, heads, p, seed)
 
 
-def _attention(q, k, v, p: float, seed: int, keep_weights: bool):
-    """The kernel's forward pass -> (out (B, L, e), the inputs made contiguous, the softmax
-    weights before dropout (B, L, Lp) if kept for a backward pass, else None)."""
-    q, k, v = (t.detach().contiguous() for t in (q, k, v))
-    B, L, e = q.shape
+def _attention(qkv, heads: int, p: float, seed: int, keep_weights: bool):
+    """The kernel's forward pass -> (out (N, L, d), qkv made contiguous, the softmax weights
+    before dropout (N * heads, L, Lp) if kept for a backward pass, else None)."""
+    qkv = qkv.detach().contiguous()
+    N, L, three_d = qkv.shape
+    d = three_d // 3
     lib = library()
-    weights = q.new_empty(B, L, lib.titans_attention_padded(L)) if keep_weights else None
-    out = torch.empty_like(q)
-    lib.titans_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, L, e, seed,
-                                 _threshold(p), _scale(p),
-                                 weights.data_ptr() if keep_weights else None, out.data_ptr(),
-                                 torch.get_num_threads())
-    return out, (q, k, v), weights
+    weights = (qkv.new_empty(N * heads, L, lib.titans_attention_padded(L)) if keep_weights
+               else None)
+    out = qkv.new_empty(N, L, d)
+    lib.titans_attention_forward(qkv.data_ptr(), N, L, heads, d // heads, seed, _threshold(p),
+                                 _scale(p), weights.data_ptr() if keep_weights else None,
+                                 out.data_ptr(), torch.get_num_threads())
+    return out, qkv, weights
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, p: float, seed: int):
-        out, inputs, weights = _attention(q, k, v, p, seed, keep_weights=True)
-        ctx.save_for_backward(*inputs, weights)
-        ctx.p, ctx.seed = p, seed
+    def forward(ctx, qkv, heads: int, p: float, seed: int):
+        out, qkv, weights = _attention(qkv, heads, p, seed, keep_weights=True)
+        ctx.save_for_backward(qkv, weights)
+        ctx.heads, ctx.p, ctx.seed = heads, p, seed
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, k, v, weights = ctx.saved_tensors
+        qkv, weights = ctx.saved_tensors
         g = g.contiguous()
-        B, L, e = q.shape
-        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        N, L, three_d = qkv.shape
+        gqkv = torch.empty_like(qkv)
         library().titans_attention_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), weights.data_ptr(), g.data_ptr(), B, L, e,
-            ctx.seed, _threshold(ctx.p), _scale(ctx.p), gq.data_ptr(), gk.data_ptr(),
-            gv.data_ptr(), torch.get_num_threads())
-        return gq, gk, gv, None, None
+            qkv.data_ptr(), weights.data_ptr(), g.data_ptr(), N, L, ctx.heads,
+            three_d // 3 // ctx.heads, ctx.seed, _threshold(ctx.p), _scale(ctx.p),
+            gqkv.data_ptr(), torch.get_num_threads())
+        return gqkv, None, None, None
 
 
 def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
@@ -304,10 +307,10 @@ def library() -> ctypes.CDLL | None:
     lib.titans_attention_supported.argtypes = [_I64, _I64]
     lib.titans_attention_padded.argtypes = [_I64]
     lib.titans_attention_padded.restype = _I64
-    lib.titans_attention_forward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _U64, _U32,
+    lib.titans_attention_forward.argtypes = [_P, _I64, _I64, _I64, _I64, _U64, _U32,
                                              ctypes.c_float, _P, _P, ctypes.c_int]
-    lib.titans_attention_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _U64, _U32,
-                                              ctypes.c_float, _P, _P, _P, ctypes.c_int]
+    lib.titans_attention_backward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _U64, _U32,
+                                              ctypes.c_float, _P, ctypes.c_int]
     lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P]
     lib.titans_layer_norm_forward.restype = None
     lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]

@@ -9,8 +9,9 @@
 // Dropout keeps weight (row, j) unless hash(seed, row, j) < threshold, row = b * L + i, the
 // same counter-based draws as the feed-forward's, so the backward pass draws them again.
 //
-// Shape legend: B windows x heads, L tokens, e head width (4, 8, 16 or 32), Lp = L rounded up
-// to a multiple of V.
+// Shape legend: N windows, H heads, B = N * H, L tokens, e head width (4, 8, 16 or 32),
+// d = H * e, Lp = L rounded up to a multiple of V. q, k, v are read where the input projection
+// leaves them, (N, L, 3, H, e), and the output is written as (N, L, H, e), so neither is copied.
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -24,9 +25,11 @@
 namespace {
 
 struct Attention {
-  const float *q, *k, *v;  // (B, L, e)
+  const float* qkv;        // (N, L, 3, H, e): the input projection, as it comes
   float* p;                // (B, L, Lp): the softmax weights, before dropout (or null)
-  int64_t B, L, Lp;
+  int64_t B, L, Lp, H, d;  // B = N * H windows x heads, d = H * e
+  int64_t in(int64_t b, int e) const { return (b / H) * L * 3 * d + (b % H) * e; }
+  int64_t out(int64_t b, int e) const { return (b / H) * L * d + (b % H) * e; }
   float scale;             // 1 / sqrt(e)
   uint64_t seed;
   uint32_t threshold;      // 0: no dropout
@@ -41,12 +44,12 @@ struct Row {
   static void store(float* p, const type& r) { std::memcpy(p, &r, sizeof r); }
 };
 
-// x^T of one (window, head) block, (e, Lp), zero in the padding columns.
+// x^T of one (window, head) block with rows `stride` apart, (e, Lp), zero in the padding.
 template <int e>
-void transpose_padded(const float* x, int64_t L, int64_t Lp, float* xt) {
+void transpose_padded(const float* x, int64_t stride, int64_t L, int64_t Lp, float* xt) {
   std::memset(xt, 0, sizeof(float) * e * Lp);
   for (int64_t j = 0; j < L; ++j)
-    for (int c = 0; c < e; ++c) xt[c * Lp + j] = x[j * e + c];
+    for (int c = 0; c < e; ++c) xt[c * Lp + j] = x[j * stride + c];
 }
 
 // The dropped, scaled weights of row i: the kernel's draws applied to p.
@@ -66,16 +69,18 @@ template <int e>
 void forward_block(const Attention& A, int64_t b, float* kt, float* row, float* out) {
   constexpr int MAX_BLOCKS = 16;  // L <= 256
   const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
-  const float *q = A.q + b * L * e, *k = A.k + b * L * e, *v = A.v + b * L * e;
+  const int64_t S = 3 * A.d;  // between tokens in qkv
+  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
+  out += A.out(b, e);
   const vu last = valid_lanes(L, nv - 1);
   const vf minus_inf = splat(-INFINITY);
-  transpose_padded<e>(k, L, Lp, kt);
+  transpose_padded<e>(k, S, L, Lp, kt);
   for (int64_t i = 0; i < L; ++i) {
     vf s[MAX_BLOCKS];
     vf top = minus_inf;
     for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e), padding at -inf
       vf acc = vf{};
-      for (int c = 0; c < e; ++c) acc += (q[i * e + c] * A.scale) * load(kt + c * Lp + t * V);
+      for (int c = 0; c < e; ++c) acc += (q[i * S + c] * A.scale) * load(kt + c * Lp + t * V);
       s[t] = t == nv - 1 ? (last ? acc : minus_inf) : acc;
       top = s[t] > top ? s[t] : top;
     }
@@ -98,31 +103,31 @@ void forward_block(const Attention& A, int64_t b, float* kt, float* row, float* 
     typename E::type acc[4] = {};  // four independent sums: one would wait on each addition
     int64_t j = 0;
     for (; j + 4 <= L; j += 4)
-      for (int u = 0; u < 4; ++u) acc[u] += row[j + u] * E::load(v + (j + u) * e);
-    for (; j < L; ++j) acc[0] += row[j] * E::load(v + j * e);
-    E::store(out + (b * L + i) * e, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+      for (int u = 0; u < 4; ++u) acc[u] += row[j + u] * E::load(v + (j + u) * S);
+    for (; j < L; ++j) acc[0] += row[j] * E::load(v + j * S);
+    E::store(out + i * A.d, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
 }
 
 template <int e>
 void backward_block(const Attention& A, int64_t b, const float* g, float* vt, float* gpd,
-                    float* gs, float* gq, float* gk, float* gv) {
-  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
-  const float *q = A.q + b * L * e, *k = A.k + b * L * e, *v = A.v + b * L * e;
-  g += b * L * e;
-  gq += b * L * e;
-  gk += b * L * e;
-  gv += b * L * e;
-  transpose_padded<e>(v, L, Lp, vt);
-  std::memset(gk, 0, sizeof(float) * L * e);
-  std::memset(gv, 0, sizeof(float) * L * e);
+                    float* gs, float* gqkv) {
+  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V, S = 3 * A.d, So = A.d;
+  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
+  g += A.out(b, e);
+  float *gq = gqkv + A.in(b, e), *gk = gq + A.d, *gv = gq + 2 * A.d;
+  transpose_padded<e>(v, S, L, Lp, vt);
+  for (int64_t j = 0; j < L; ++j) {
+    std::memset(gk + j * S, 0, sizeof(float) * e);
+    std::memset(gv + j * S, 0, sizeof(float) * e);
+  }
   for (int64_t i = 0; i < L; ++i) {
     const float* p = A.p + (b * L + i) * Lp;
     const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
     vf dot = vf{};
     for (int64_t t = 0; t < nv; ++t) {
       vf gw = vf{};  // gradient at the dropped weights: g_i . v_j
-      for (int c = 0; c < e; ++c) gw += g[i * e + c] * load(vt + c * Lp + t * V);
+      for (int c = 0; c < e; ++c) gw += g[i * So + c] * load(vt + c * Lp + t * V);
       const vf pv = load(p + t * V);
       store(gpd + t * V, drop(A, pv, key, t * V));  // the dropped weights themselves, for gv
       gw = drop(A, gw, key, t * V);                   // gradient at the softmax output
@@ -133,14 +138,14 @@ void backward_block(const Attention& A, int64_t b, const float* g, float* vt, fl
     for (int64_t t = 0; t < nv; ++t)  // through the softmax, and the scale of the scores
       store(gs + t * V, load(p + t * V) * (load(gs + t * V) - d) * A.scale);
     using E = Row<e>;
-    const typename E::type gi = E::load(g + i * e), qi = E::load(q + i * e);
+    const typename E::type gi = E::load(g + i * So), qi = E::load(q + i * S);
     typename E::type acc[4] = {};
     for (int64_t j = 0; j < L; ++j) {
-      E::store(gv + j * e, E::load(gv + j * e) + gpd[j] * gi);
-      E::store(gk + j * e, E::load(gk + j * e) + gs[j] * qi);
-      acc[j % 4] += gs[j] * E::load(k + j * e);
+      E::store(gv + j * S, E::load(gv + j * S) + gpd[j] * gi);
+      E::store(gk + j * S, E::load(gk + j * S) + gs[j] * qi);
+      acc[j % 4] += gs[j] * E::load(k + j * S);
     }
-    E::store(gq + i * e, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+    E::store(gq + i * S, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
 }
 
@@ -155,14 +160,13 @@ void forward_all(const Attention& A, float* out, int threads) {
 }
 
 template <int e>
-void backward_all(const Attention& A, const float* g, float* gq, float* gk, float* gv,
-                  int threads) {
+void backward_all(const Attention& A, const float* g, float* gqkv, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> vt(e * A.Lp), gpd(A.Lp), gs(A.Lp);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t b = 0; b < A.B; ++b)
-      backward_block<e>(A, b, g, vt.data(), gpd.data(), gs.data(), gq, gk, gv);
+      backward_block<e>(A, b, g, vt.data(), gpd.data(), gs.data(), gqkv);
   }
 }
 
@@ -185,25 +189,25 @@ int titans_attention_supported(int64_t e, int64_t L) {
 
 int64_t titans_attention_padded(int64_t L) { return (L + V - 1) / V * V; }
 
-// out (B, L, e) = dropout(softmax(q k^T / sqrt(e))) v; p (B, L, Lp), unless null, receives the
-// softmax weights (before dropout) for the backward pass. Returns 0 for unsupported sizes.
-int titans_attention_forward(const float* q, const float* k, const float* v, int64_t B,
-                             int64_t L, int64_t e, uint64_t seed, uint32_t threshold,
-                             float keep_scale, float* p, float* out, int threads) {
-  const Attention A{q, k, v, p, B, L, titans_attention_padded(L), 1.0f / std::sqrt(float(e)),
-                    seed, threshold, keep_scale};
+// out (N, L, H, e) = dropout(softmax(q k^T / sqrt(e))) v per window and head, from the input
+// projection qkv (N, L, 3, H, e); p (N * H, L, Lp), unless null, receives the softmax weights
+// (before dropout) for the backward pass. Returns 0 for unsupported sizes.
+int titans_attention_forward(const float* qkv, int64_t N, int64_t L, int64_t H, int64_t e,
+                             uint64_t seed, uint32_t threshold, float keep_scale, float* p,
+                             float* out, int threads) {
+  const Attention A{qkv, p, N * H, L, titans_attention_padded(L), H, H * e,
+                    1.0f / std::sqrt(float(e)), seed, threshold, keep_scale};
   TITANS_HEAD_WIDTHS(forward_all, e, A, out, threads < 1 ? 1 : threads)
   return 1;
 }
 
-// gq, gk, gv (B, L, e) from g = d loss / d out and the forward's inputs and weights p.
-int titans_attention_backward(const float* q, const float* k, const float* v, const float* p,
-                              const float* g, int64_t B, int64_t L, int64_t e, uint64_t seed,
-                              uint32_t threshold, float keep_scale, float* gq, float* gk,
-                              float* gv, int threads) {
-  const Attention A{q, k, v, const_cast<float*>(p), B, L, titans_attention_padded(L),
+// gqkv (N, L, 3, H, e) from g = d loss / d out (N, L, H, e), the forward's input and weights p.
+int titans_attention_backward(const float* qkv, const float* p, const float* g, int64_t N,
+                              int64_t L, int64_t H, int64_t e, uint64_t seed, uint32_t threshold,
+                              float keep_scale, float* gqkv, int threads) {
+  const Attention A{qkv, const_cast<float*>(p), N * H, L, titans_attention_padded(L), H, H * e,
                     1.0f / std::sqrt(float(e)), seed, threshold, keep_scale};
-  TITANS_HEAD_WIDTHS(backward_all, e, A, g, gq, gk, gv, threads < 1 ? 1 : threads)
+  TITANS_HEAD_WIDTHS(backward_all, e, A, g, gqkv, threads < 1 ? 1 : threads)
   return 1;
 }
 
