@@ -7,12 +7,15 @@ Shape legend
 activation=silu, batch_first=True)`` computes (post-norm, same parameter names, so the two
 load each other's state dicts). On the CPU it differs only in *how*:
 
-* the 2048-wide feed-forward is one fused kernel (:mod:`titans_lightning.fused`) where it
-  applies (float32, d = 16); otherwise it runs in row chunks that stay in cache. Either way its
-  (N*L, f) activation is recomputed in the backward pass instead of stored;
-* dropout draws the positions of the dropped elements directly (geometric gaps between
-  drops, the same Bernoulli(p) process as a per-element mask) instead of one random number per
-  element, which is what dominated the reference's training time.
+* where the fused kernels of :mod:`titans_lightning.fused` apply (float32, d = 16, a C++
+  compiler), the 2048-wide feed-forward, the attention core (scores, softmax, dropout, product
+  with v) and, without a gradient, residual + layer norm are one kernel call each, with
+  counter-based dropout draws;
+* otherwise the feed-forward runs in row chunks that stay in cache. Either way its (N*L, f)
+  activation is recomputed in the backward pass instead of stored;
+* the remaining dropouts draw the positions of the dropped elements directly (geometric gaps
+  between drops, the same Bernoulli(p) process as a per-element mask) instead of one random
+  number per element, which is what dominated the reference's training time.
 On CUDA it uses the library kernels, whose random numbers are cheap.
 """
 from __future__ import annotations
