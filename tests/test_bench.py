@@ -44,3 +44,9 @@ def test_resume_picks_the_newest_last_checkpoint(tmp_path):
         os.utime(path, (time.time() + i, time.time() + i))
     assert bench.latest_checkpoint(tmp_path) == new
     assert bench.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_concurrent_runs_share_the_cores():
+    assert bench.threads_per_run(1, cores=8) == 8
+    assert bench.threads_per_run(2, cores=8) == 4
+    assert bench.threads_per_run(3, cores=2) == 1

@@ -151,6 +151,11 @@ def screening_table(out: Path) -> list[str]:
     return lines
 
 
+def threads_per_run(jobs: int, cores: int | None = None) -> int:
+    """CPU threads for each of `jobs` concurrent runs: the cores shared out, at least one."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Run the benchmark table (resumable).")
     p.add_argument("--strategies", nargs="+", default=list(BASELINES))
@@ -159,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scope", default="shared", choices=["shared", "per_sequence"])
     p.add_argument("--protocol", default="default", choices=["default", "reference"])
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="CPU threads per run (OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (OMP_NUM_THREADS; default: the cores / --jobs, "
+                        "since more runs' busy-waiting threads than cores slow all of them)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--out", type=Path, default=BENCH,
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md")
     p.add_argument("extra", nargs="*", help="more `titans fit` arguments, after --")
     args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = threads_per_run(args.jobs)
     if not args.render:
         runs = [(b, s, seed) for seed in args.seeds for b in args.benchmarks
                 for s in args.strategies]
