@@ -304,21 +304,3 @@ def test_portable_vector_code_computes_the_same(monkeypatch, tmp_path):
         test_query_kernel_equals_linear_normalize_silu(True)
     finally:
         fused.library.cache_clear()
-
-
-def test_memory_kernel_same_on_one_and_two_threads():
-    torch.manual_seed(0)
-    q, flat = torch.randn(2, 1024, 16), torch.randn(2, 1072) * 0.3
-    g = torch.randn(2, 1024, 16)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            out, a, s = fused.memory_forward(q, flat, 32, keep=True)
-            results.append((out, *fused.memory_backward(q, flat, a, s, g, True, True)))
-    finally:
-        torch.set_num_threads(before)
-    (o1, q1, w1), (o2, q2, w2) = results
-    assert torch.equal(o1, o2) and torch.equal(q1, q2)  # rows are independent
-    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-4)  # summation order

@@ -118,8 +118,7 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
     library().titans_mlp_backward(q.data_ptr(), flat.data_ptr(), a.data_ptr(), s.data_ptr(),
                                   g.data_ptr(), S, R, d, a.shape[-1],
                                   gq.data_ptr() if need_q else None,
-                                  gflat.data_ptr() if need_weights else None,
-                                  torch.get_num_threads())
+                                  gflat.data_ptr() if need_weights else None)
     return gq, gflat
 
 
@@ -321,8 +320,7 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     lib.titans_mlp_forward.restype = ctypes.c_int
-    lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P,
-                                        ctypes.c_int]
+    lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_backward.restype = ctypes.c_int
     return lib
 

@@ -136,45 +136,14 @@ void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, floa
   }
 }
 
-// Each slot's rows split over up to `threads` threads when there are enough of them; each
-// thread sums its weight gradient apart, and the parts are added at the end.
 template <int dv, int hv>
 void backward_slots(const float* q, const float* flat, const float* a, const float* s,
-                    const float* g, int64_t S, int64_t R, float* gq, float* gflat, int threads) {
+                    const float* g, int64_t S, int64_t R, float* gq, float* gflat) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
-  const int T = R >= 512 ? threads : 1;
-  std::vector<float> parts(gflat && T > 1 ? T * n : 0);
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
-    float* gw = gflat ? gflat + i * n : nullptr;
-    if (T == 1) {
-      backward_slot<dv, hv>(w, q + i * R * d, a + i * R * h, s + i * R * h, g + i * R * d, R,
-                            gq ? gq + i * R * d : nullptr, gw);
-      continue;
-    }
-    int used = 1;
-#pragma omp parallel num_threads(T)
-    {
-      int t = 0, nt = 1;
-#if defined(_OPENMP)
-      t = omp_get_thread_num();
-      nt = omp_get_num_threads();
-#pragma omp single
-      used = nt;
-#endif
-      const int64_t per = (R + nt - 1) / nt;
-      const int64_t r0 = t * per < R ? t * per : R, r1 = r0 + per < R ? r0 + per : R;
-      const int64_t row = i * R + r0;
-      backward_slot<dv, hv>(w, q + row * d, a + row * h, s + row * h, g + row * d, r1 - r0,
-                            gq ? gq + row * d : nullptr, gw ? parts.data() + t * n : nullptr);
-    }
-    if (gw) {
-      for (int64_t k = 0; k < n; ++k) {
-        float sum = 0.0f;
-        for (int t = 0; t < used; ++t) sum += parts[t * n + k];
-        gw[k] = sum;
-      }
-    }
+    backward_slot<dv, hv>(w, q + i * R * d, a + i * R * h, s + i * R * h, g + i * R * d, R,
+                          gq ? gq + i * R * d : nullptr, gflat ? gflat + i * n : nullptr);
   }
 }
 
@@ -211,10 +180,9 @@ int titans_mlp_forward(const float* q, const float* flat, int64_t S, int64_t R, 
 // gradient of the flat weights, gflat (S, n), when given. Returns 0 for an unsupported width.
 int titans_mlp_backward(const float* q, const float* flat, const float* a, const float* s,
                         const float* g, int64_t S, int64_t R, int64_t d, int64_t h, float* gq,
-                        float* gflat, int threads) {
+                        float* gflat) {
   if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(backward_slots, d, h, q, flat, a, s, g, S, R, gq, gflat,
-                  threads < 1 ? 1 : threads)
+  TITANS_DISPATCH(backward_slots, d, h, q, flat, a, s, g, S, R, gq, gflat)
 }
 
 }  // extern "C"
