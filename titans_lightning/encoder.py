@@ -152,7 +152,7 @@ def _draw_together(sizes: list[int], p: float, device: torch.device) -> list[Ten
 class EncoderLayer(nn.Module):
     """Post-norm transformer encoder layer with SiLU feed-forward (batch first)."""
 
-    fused = True  # use the fused CPU feed-forward where it applies (False: the chunked path)
+    fused = True  # use the fused CPU kernels where they apply (False: PyTorch operators only)
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-5):
@@ -186,7 +186,8 @@ class EncoderLayer(nn.Module):
         return norm(x + r)
 
     def _fused_attention(self, x: Tensor) -> bool:
-        return self.fused and self.p < 1.0 and fused.supports_attention(x, x.shape[-1] // self.nhead)
+        head_width = x.shape[-1] // self.nhead
+        return self.fused and self.p < 1.0 and fused.supports_attention(x, head_width)
 
     def attend(self, x: Tensor) -> Tensor:
         return self._attend(x, None)

@@ -46,8 +46,6 @@ from torch import Tensor
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
-# OpenMP, when the compiler has it: the kernel then shares PyTorch's CPU thread pool (the loaded
-# libgomp.so.1), so the two never compete for cores as separately created threads would.
 ROW_WIDTH = 16  # the kernel's d
 _P, _I64, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32
 
@@ -344,7 +342,10 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds never see half a file
         built = Path(tmp) / target.name
-        for threading in (["-fopenmp"], []):  # without OpenMP the kernel runs on one thread
+        # With OpenMP the kernels share PyTorch's CPU thread pool (the libgomp.so.1 already
+        # loaded), so the two never compete for cores as separately created threads would;
+        # without it they run on one thread.
+        for threading in (["-fopenmp"], []):
             result = subprocess.run([compiler, *flags, *threading, *map(str, SOURCES), "-o",
                                      str(built)], capture_output=True, text=True, timeout=300)
             if result.returncode == 0:
