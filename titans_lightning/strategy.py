@@ -23,7 +23,8 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   ``memory.retrieve(keys)``; it returns one value per slot. The harness takes its gradient with
   respect to every fast weight. ``memory.recall_error(keys, values)`` is the reference's MSE
   surprise in one autograd node.
-* ``apply_update`` receives ``grads`` (same names and shapes as ``memory.weights``) and returns
+* ``apply_update`` receives ``grads`` (same names and shapes as ``memory.weights``; read them,
+  never change them in place: the harness checks and records them after the rule) and returns
   the new fast weights. It reads state with ``memory.state[name]`` and writes new state by
   *assigning* ``memory.state[name] = new_tensor`` (never in place: the harness keeps the old
   tensor so that a non-finite update can be rolled back). A gated rule reports the fraction of
