@@ -114,7 +114,7 @@ def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
     mine.load_state_dict(ref.state_dict())
     ref.eval(), mine.eval()
     x = torch.randn(6, 20, 16, requires_grad=True)
-    assert fused.supports(x, 256)
+    assert fused.supports_feed_forward(x, 256)
     a, b = ref(x), mine(x)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(a)
@@ -149,7 +149,7 @@ def test_unavailable_kernel_falls_back_to_the_pytorch_path(monkeypatch, tmp_path
             assert fused.library() is None
         layer = enc.EncoderLayer(16, 2, 64, 0.1).eval()
         x = torch.randn(3, 5, 16)
-        assert not fused.supports(x, 64)
+        assert not fused.supports_feed_forward(x, 64)
         assert layer(x).shape == (3, 5, 16)
         fused.library.cache_clear()
         monkeypatch.setenv("TITANS_LIGHTNING_FUSED", "0")

@@ -220,6 +220,6 @@ class EncoderLayer(nn.Module):
             return self.linear2(h)
         rows = x.reshape(N * L, d)
         params = (self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-        if self.fused and fused.supports(x, self.linear1.out_features):
+        if self.fused and fused.supports_feed_forward(x, self.linear1.out_features):
             return fused.feed_forward(rows, *params, p).view(N, L, d)
         return _FeedForward.apply(rows, *params, p).view(N, L, d)

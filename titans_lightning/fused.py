@@ -23,8 +23,8 @@ The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` 
 own vector instructions and cached (``$TITANS_LIGHTNING_CACHE``, default
 ``~/.cache/titans_lightning``); ``$TITANS_LIGHTNING_CXXFLAGS`` adds compiler flags (for example
 ``-mno-avx512f`` for the portable vector code). Where no compiler is found, the build fails, or
-``TITANS_LIGHTNING_FUSED=0`` is set, :func:`supports` says no and the encoder uses its plain
-PyTorch path, which computes the same function.
+``TITANS_LIGHTNING_FUSED=0`` is set, the ``supports_*`` functions say no and the model runs on
+PyTorch operators, which compute the same functions.
 """
 from __future__ import annotations
 
@@ -50,17 +50,26 @@ ROW_WIDTH = 16  # the kernel's d
 _P, _I64, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32
 
 
-def supports(x: Tensor, f: int) -> bool:
+def supports_feed_forward(x: Tensor, f: int) -> bool:
     """Whether the fused kernel can compute the feed-forward of ``x`` (..., d) with width f."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] == ROW_WIDTH
-            and f % 16 == 0 and library() is not None)
+    return _kernel_can_take(x) and x.shape[-1] == ROW_WIDTH and f % 16 == 0
+
+
+def _kernel_can_take(x: Tensor) -> bool:
+    """A float32 CPU tensor, and the kernels built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+
+
+def _dropout_seed(p: float) -> int:
+    """A seed for the kernels' dropout draws, from torch's generator (0 when nothing drops)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
 
 
 def feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: float) -> Tensor:
     """``linear2(dropout(silu(linear1(x)), p))`` for rows x (M, d); differentiable."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
+    seed = _dropout_seed(p)
     if not _needs_grad(x, w1, b1, w2, b2):  # no autograd node: its bookkeeping costs a kernel's
         return _feed_forward(x, w1, b1, w2, b2, p, seed, keep_bits=False)[0]
     return _FusedFeedForward.apply(x, w1, b1, w2, b2, p, seed)
@@ -85,11 +94,40 @@ def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool):
     return out, (x, w1, b1, w2), bits
 
 
+class _FusedFeedForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, p: float, seed: int):
+        out, inputs, bits = _feed_forward(x, w1, b1, w2, b2, p, seed, keep_bits=True)
+        ctx.save_for_backward(*inputs, bits)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, w1, b1, w2, bits = ctx.saved_tensors
+        g = g.contiguous()
+        M, f = x.shape[0], w1.shape[0]
+        gx, gw1, gb1, gw2 = (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1),
+                             torch.empty_like(w2))
+        failed = library().titans_ffn_backward(
+            x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), f, g.data_ptr(),
+            ctx.seed, _threshold(ctx.p), bits.data_ptr() if ctx.p > 0.0 else None, _scale(ctx.p),
+            gx.data_ptr(), gw1.data_ptr(), gb1.data_ptr(), gw2.data_ptr(),
+            torch.get_num_threads())
+        _check(failed)
+        return gx, gw1, gb1, gw2, g.sum(0), None, None
+
+
 def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
     """Whether the kernel can run the two-layer memory for queries q (S, R, d)."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and flat.dtype == torch.float32
-            and library() is not None
-            and bool(library().titans_mlp_supported(q.shape[-1], hidden)))
+    return (_kernel_can_take(q) and flat.dtype == torch.float32
+            and _memory_widths_supported(q.shape[-1], hidden))
+
+
+@lru_cache(maxsize=None)
+def _memory_widths_supported(d: int, hidden: int) -> bool:  # asked a few times per window group
+    return bool(library().titans_mlp_supported(d, hidden))
 
 
 def memory_forward(q: Tensor, flat: Tensor, hidden: int, keep: bool
@@ -122,16 +160,18 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
 
 def supports_attention(x: Tensor, head_width: int) -> bool:
     """Whether the kernel can run the attention core of x (N, L, d) with heads of width e."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
-            and bool(library().titans_attention_supported(head_width, x.shape[-2])))
+    return _kernel_can_take(x) and _attention_sizes_supported(head_width, x.shape[-2])
+
+
+@lru_cache(maxsize=None)
+def _attention_sizes_supported(head_width: int, tokens: int) -> bool:
+    return bool(library().titans_attention_supported(head_width, tokens))
 
 
 def attention(qkv: Tensor, heads: int, p: float) -> Tensor:
     """``dropout(softmax(q k^T / sqrt(e)), p) v`` per window and head, from the input projection
     qkv (N, L, 3d) laid out as (N, L, 3, heads, e); returns (N, L, d). Differentiable."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if p > 0.0 else 0
+    seed = _dropout_seed(p)
     if not _needs_grad(qkv):
         return _attention(qkv, heads, p, seed, keep_weights=False)[0]
     return _Attention.apply(qkv, heads, p, seed)
@@ -177,9 +217,8 @@ class _Attention(torch.autograd.Function):
 
 def supports_layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> bool:
     """Whether the kernel can compute ``norm(x + r)`` for rows x (..., 16)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and tuple(norm.normalized_shape) == (ROW_WIDTH,) and norm.weight is not None
-            and norm.bias is not None and library() is not None)
+    return (_kernel_can_take(x) and tuple(norm.normalized_shape) == (ROW_WIDTH,)
+            and norm.weight is not None and norm.bias is not None)
 
 
 def add_layer_norm(x: Tensor, r: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
@@ -220,9 +259,9 @@ class _AddLayerNorm(torch.autograd.Function):
 
 def supports_query(x: Tensor, linear: torch.nn.Linear) -> bool:
     """Whether the kernel can compute the MAC query of rows x (..., 16) without a gradient."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (_kernel_can_take(x) and not torch.is_grad_enabled()
             and linear.in_features == linear.out_features == ROW_WIDTH
-            and linear.bias is not None and library() is not None)
+            and linear.bias is not None)
 
 
 def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
@@ -238,33 +277,8 @@ def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
-    library().titans_ffn_keep(seed, _threshold(p), rows, f, keep.data_ptr())
+    library().titans_dropout_keep(seed, _threshold(p), rows, f, keep.data_ptr())
     return keep.bool()
-
-
-class _FusedFeedForward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, p: float, seed: int):
-        out, inputs, bits = _feed_forward(x, w1, b1, w2, b2, p, seed, keep_bits=True)
-        ctx.save_for_backward(*inputs, bits)
-        ctx.p, ctx.seed = p, seed
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, w1, b1, w2, bits = ctx.saved_tensors
-        g = g.contiguous()
-        M, f = x.shape[0], w1.shape[0]
-        gx, gw1, gb1, gw2 = (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(b1),
-                             torch.empty_like(w2))
-        failed = library().titans_ffn_backward(
-            x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), f, g.data_ptr(),
-            ctx.seed, _threshold(ctx.p), bits.data_ptr() if ctx.p > 0.0 else None, _scale(ctx.p),
-            gx.data_ptr(), gw1.data_ptr(), gb1.data_ptr(), gw2.data_ptr(),
-            torch.get_num_threads())
-        _check(failed)
-        return gx, gw1, gb1, gw2, g.sum(0), None, None
 
 
 def _check(failed: int) -> None:
@@ -283,15 +297,16 @@ def _scale(p: float) -> float:
 
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per machine and source version; None if unavailable."""
+    """The compiled kernels, built once per machine and source version; None if unavailable."""
     if os.environ.get("TITANS_LIGHTNING_FUSED", "1") == "0":
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"the fused CPU feed-forward is unavailable ({err}); the encoder uses its "
-                      "PyTorch path, which is slower. Install a C++ compiler (g++ or clang++) "
-                      "or set CXX to use it; set TITANS_LIGHTNING_FUSED=0 to silence this.",
+        warnings.warn(f"the fused CPU feed-forward is unavailable, and the other CPU kernels with "
+                      f"it ({err}); the model runs on PyTorch operators, which is slower. Install "
+                      "a C++ compiler (g++ or clang++) or set CXX to use them; set "
+                      "TITANS_LIGHTNING_FUSED=0 to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None
     lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, ctypes.c_float,
@@ -300,8 +315,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _U64, _U32, _P,
                                         ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
     lib.titans_ffn_backward.restype = ctypes.c_int
-    lib.titans_ffn_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
-    lib.titans_ffn_keep.restype = None
+    lib.titans_dropout_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
+    lib.titans_dropout_keep.restype = None
     lib.titans_attention_supported.argtypes = [_I64, _I64]
     lib.titans_attention_padded.argtypes = [_I64]
     lib.titans_attention_padded.restype = _I64

@@ -356,12 +356,17 @@ def _two_layer_weights(flat: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor, Te
     """
     flat = flat.contiguous()
     S, n = flat.shape
-    h = (n - d) // (2 * d + 1)
+    h = _hidden_width(flat, d)
     o = flat.storage_offset()
     return (flat.as_strided((S, d, h), (n, 1, d), o),
             flat.as_strided((S, 1, h), (n, h, 1), o + h * d),
             flat.as_strided((S, h, d), (n, 1, h), o + h * d + h),
             flat.as_strided((S, 1, d), (n, d, 1), o + 2 * h * d + h))
+
+
+def _hidden_width(flat: Tensor, d: int) -> int:
+    """h of the flat two-layer weights (S, h*d + h + d*h + d)."""
+    return (flat.shape[1] - d) // (2 * d + 1)
 
 
 def _two_layer(q: Tensor, w1t: Tensor, b1: Tensor, w2t: Tensor, b2: Tensor
@@ -384,7 +389,7 @@ class _TwoLayerMemory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, flat: Tensor) -> Tensor:
         d = q.shape[-1]
-        hidden = (flat.shape[1] - d) // (2 * d + 1)
+        hidden = _hidden_width(flat, d)
         if fused.supports_memory(q, flat, hidden):  # the same maths in one CPU kernel call
             out, a, s = fused.memory_forward(q, flat, hidden, keep=True)
         else:

@@ -4,8 +4,8 @@
 //
 // The (M, f) hidden activation is never written to memory: each 16-wide slice of it lives in
 // registers between the two matrix products, and the backward pass recomputes it. Dropout keeps
-// hidden element (r, j) unless hash(seed, r, j) < threshold, a counter-based draw, so the
-// backward pass regenerates the same mask from the seed instead of storing it.
+// hidden element (r, j) unless hash(seed, r, j) < threshold, a counter-based draw; the forward
+// pass leaves its decisions as bits (16 per int16) for the backward pass.
 //
 // Shape legend: M rows, D = 16 row width, f hidden width (a multiple of 16), V = 16 lanes.
 // Built by titans_lightning/fused.py with the machine's own vector instructions; plain C++ with
@@ -19,15 +19,9 @@
 
 namespace {
 
-constexpr int D = 16;         // row width (the model's hidden_dim)
-#ifndef TITANS_ROWS
-#define TITANS_ROWS 16
-#endif
-#ifndef TITANS_JB
-#define TITANS_JB 256
-#endif
-constexpr int R = TITANS_ROWS;  // rows per register block
-constexpr int64_t JB = TITANS_JB;  // hidden units per cache block (weights of a block stay in L1)
+constexpr int D = 16;          // row width (the model's hidden_dim)
+constexpr int R = 16;          // rows per register block
+constexpr int64_t JB = 256;    // hidden units per cache block (weights of a block stay in L1)
 constexpr int MAX_THREADS = 64;
 
 struct Problem {
@@ -42,10 +36,6 @@ struct Problem {
                                          // the backward pass (null: draw them again)
   float scale;                           // 1 / (1 - p)
 };
-
-inline vu keep_mask(const Problem& P, uint32_t key, int64_t j) {
-  return keep_lanes(key, j, P.threshold);
-}
 
 // A lane mask (all ones = kept) as 16 bits, and back.
 inline uint16_t to_bits(vu keep) {
@@ -95,7 +85,7 @@ void forward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1) {
     for (int i = 0; i < N; ++i) {
       vf s = a[i] * sigmoid(a[i]);
       if (P.threshold) {
-        const vu keep = keep_mask(P, key[i], j);
+        const vu keep = keep_lanes(key[i], j, P.threshold);
         if (P.bits) P.bits[(rb + i) * (P.f / V) + j / V] = to_bits(keep);
         s = keep ? s * P.scale : vf{};
       }
@@ -132,7 +122,7 @@ void backward_block(const Problem& P, int64_t rb, int64_t j0, int64_t j1, float*
       vf d = ds[i] * sig * (1.0f + a[i] * (1.0f - sig));  // through silu
       if (P.threshold) {
         const vu keep = P.bits ? from_bits(P.bits[(rb + i) * (P.f / V) + j / V])
-                               : keep_mask(P, key[i], j);
+                               : keep_lanes(key[i], j, P.threshold);
         s = keep ? s * P.scale : vf{};
         d = keep ? d * P.scale : vf{};
       }
@@ -246,17 +236,14 @@ void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
 
 extern "C" {
 
-int titans_ffn_lanes() { return V; }
-
 // The dropout decisions the kernels make for an (M, f) matrix (the feed-forward's activation,
 // or the attention weights as (windows * heads * L, L)), as 0/1 bytes: for tests and inspection.
-void titans_ffn_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f, uint8_t* keep) {
-  Problem P{};
-  P.threshold = threshold;
+void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f,
+                         uint8_t* keep) {
   for (int64_t r = 0; r < M; ++r) {
     const uint32_t key = row_key(seed, r);
     for (int64_t j = 0; j < f; j += V) {
-      const vu k = keep_mask(P, key, j);
+      const vu k = keep_lanes(key, j, threshold);
       for (int l = 0; l < V && j + l < f; ++l) keep[r * f + j + l] = k[l] ? 1 : 0;
     }
   }
