@@ -98,6 +98,20 @@ def test_same_result_on_one_and_two_threads():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # summation order
 
 
+def test_silu_is_accurate_to_a_few_ulp_over_the_float_range():
+    """Unit j of row r is silu(x_r) itself (w1 = ones in column 0, w2 = identity)."""
+    v = torch.cat([torch.linspace(-100.0, 90.0, 200_001), torch.linspace(-8.0, 8.0, 200_001)])
+    x = torch.zeros(v.numel(), 16)
+    x[:, 0] = v
+    w1, w2 = torch.zeros(16, 16), torch.eye(16)
+    w1[:, 0] = 1.0
+    out = fused.feed_forward(x, w1, torch.zeros(16), w2, torch.zeros(16), 0.0)
+    ref = F.silu(v.double())
+    tiny = ref.abs() > 1e-30  # below that, units in the last place are subnormal
+    ulp = torch.nextafter(ref.float().abs(), torch.tensor(math.inf)).double() - ref.float().abs()
+    assert ((out.double() - ref[:, None]).abs()[tiny] / ulp[tiny, None]).max() <= 4.0
+
+
 def test_non_finite_input_stays_in_its_row():
     x = torch.randn(20, 16)
     x[3, 5] = float("nan")
