@@ -226,6 +226,61 @@ def test_neural_memory_update_is_the_same_with_and_without_the_kernel(monkeypatc
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("slots, rows, d, h", [(1, 1024, 16, 32), (3, 7, 16, 64), (2, 5, 32, 16)])
+def test_recall_kernel_gives_the_surprise_and_its_gradient(slots, rows, d, h):
+    torch.manual_seed(rows)
+    keys, values = torch.randn(slots, rows, d), torch.randn(slots, rows, d)
+    flat = torch.randn(slots, 2 * h * d + h + d) * 0.3
+    surprise, gflat = fused.memory_recall(keys, values, flat, h)
+    from titans_lightning.memory import _two_layer, _two_layer_weights
+    fr = flat.double().requires_grad_(True)
+    ref = (_two_layer(keys.double(), *_two_layer_weights(fr, d))[0] - values.double())
+    ref = ref.pow(2).sum((1, 2)) / rows
+    torch.testing.assert_close(surprise.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    weights = torch.arange(1.0, slots + 1, dtype=torch.float64)  # slot i's loss weighted i + 1
+    (want,) = torch.autograd.grad((ref * weights).sum(), fr)
+    torch.testing.assert_close(gflat.double() * weights[:, None], want, rtol=1e-4, atol=1e-5)
+
+
+class _ScaledSurprise:
+    """titans_default, but the surprise is twice recall_error: the gradient must double."""
+
+    def __init__(self, scale):
+        from titans_lightning.strategies import titans_default
+        self.rule, self.scale = titans_default, scale
+        self.init_memory_state = titans_default.init_memory_state
+        self.compute_keys_values = titans_default.compute_keys_values
+        self.apply_update = titans_default.apply_update
+
+    def compute_surprise(self, memory, keys, values):
+        return memory.recall_error(keys, values) * self.scale
+
+
+def test_update_takes_the_recall_gradient_only_for_the_surprise_it_belongs_to(monkeypatch):
+    """recall_error hands its kernel's gradient to the update when the strategy's surprise is
+    exactly its result; any other surprise goes through autograd, and all three agree."""
+    from titans_lightning.memory import NeuralMemory
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    direct = NeuralMemory(16, 32, 2, "titans_default")
+    scaled = NeuralMemory(16, 32, 2, _ScaledSurprise(2.0))
+    unscaled = NeuralMemory(16, 32, 2, _ScaledSurprise(1.0))
+    scaled.load_state_dict(direct.state_dict())
+    unscaled.load_state_dict(direct.state_dict())
+    x = torch.randn(1, 300, 16)
+    calls.clear()
+    direct.update(x)
+    assert not calls  # the kernel's gradient, no backward pass
+    scaled.update(x)
+    unscaled.update(x)
+    assert len(calls) == 2  # a surprise that is not recall_error's own result: autograd
+    g_direct, g_unscaled = direct.history[-1]["grads"], unscaled.history[-1]["grads"]
+    torch.testing.assert_close(g_direct, g_unscaled)
+    torch.testing.assert_close(scaled.history[-1]["grads"], 2 * g_direct)
+
+
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):

@@ -158,6 +158,19 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
     return gq, gflat
 
 
+def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
+                  ) -> tuple[Tensor, Tensor]:
+    """The reference surprise ``sum_features mean_rows (M(keys) - values)^2`` per slot (S,) and
+    its gradient with respect to the flat weights (S, n), in one call. No autograd."""
+    keys, values, flat = (t.detach().contiguous() for t in (keys, values, flat))
+    S, R, d = keys.shape
+    surprise, gflat = keys.new_empty(S), torch.empty_like(flat)
+    library().titans_mlp_recall(keys.data_ptr(), values.data_ptr(), flat.data_ptr(), S, R, d,
+                                hidden, surprise.data_ptr(), gflat.data_ptr(),
+                                torch.get_num_threads())
+    return surprise, gflat
+
+
 def supports_attention(x: Tensor, head_width: int) -> bool:
     """Whether the kernel can run the attention core of x (N, L, d) with heads of width e."""
     return _kernel_can_take(x) and _attention_sizes_supported(head_width, x.shape[-2])
@@ -335,6 +348,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_forward.restype = ctypes.c_int
     lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_backward.restype = ctypes.c_int
+    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]
+    lib.titans_mlp_recall.restype = ctypes.c_int
     return lib
 
 

@@ -106,6 +106,7 @@ class NeuralMemory(nn.Module):
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self._warned_skips = 0
         self._gate: Tensor | None = None
+        self._recalled: tuple[Tensor, Tensor] | None = None  # recall_error's (surprise, gradient)
         self.history: list[dict[str, Tensor]] = []
         self.strategy.init_memory_state(self, dim)
         self.initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
@@ -185,7 +186,14 @@ class NeuralMemory(nn.Module):
         flat = self.fast_weights
         if (self.num_layers == 2 and not self.differentiable
                 and fused.supports_memory(keys, flat, self.hidden)):
-            return _RecallError.apply(keys, values, flat, self.hidden)
+            if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+                return _RecallError.apply(keys, values, flat, self.hidden)
+            # only the weights can need a gradient: the kernel computes it with the surprise, and
+            # the update uses it directly when this surprise is the strategy's (no backward pass)
+            gradient: list[Tensor] = []
+            surprise = _Recall.apply(flat, keys, values, self.hidden, gradient)
+            self._recalled = (surprise, gradient[0])
+            return surprise
         return (self.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
 
     # -- strategy state -----------------------------------------------------------------------
@@ -240,11 +248,16 @@ class NeuralMemory(nn.Module):
             leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
             self._buffers["fast_weights"] = leaf  # the strategy's surprise reads the leaf
             try:
+                self._recalled = None
                 surprise = self.strategy.compute_surprise(self, keys, values)
-                (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
-                                               create_graph=keep_graph)
+                if self._recalled is not None and self._recalled[0] is surprise:
+                    grads = self._recalled[1]  # recall_error computed it with the surprise
+                else:
+                    (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
+                                                   create_graph=keep_graph)
             finally:
                 self._buffers["fast_weights"] = old
+                self._recalled = None
         grads = torch.zeros_like(old) if grads is None else grads
         return (surprise, grads) if keep_graph else (surprise.detach(), grads)
 
@@ -437,6 +450,25 @@ class _RecallError(torch.autograd.Function):
         need_keys, need_values, need_flat = ctx.needs_input_grad[:3]
         g_keys, g_flat = fused.memory_backward(keys, flat, a, s, g_out, need_keys, need_flat)
         return g_keys, -g_out if need_values else None, g_flat, None
+
+
+class _Recall(torch.autograd.Function):
+    """The same surprise with the weights' gradient computed in the forward pass (one kernel
+    call) and handed out through ``gradient``; the backward pass only scales it."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, keys: Tensor, values: Tensor, hidden: int,
+                gradient: list) -> Tensor:
+        surprise, gflat = fused.memory_recall(keys, values, flat, hidden)
+        ctx.save_for_backward(gflat)
+        gradient.append(gflat)
+        return surprise
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        (gflat,) = ctx.saved_tensors
+        return gflat * g[:, None], None, None, None, None
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:

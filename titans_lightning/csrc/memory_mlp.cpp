@@ -147,6 +147,28 @@ void backward_slots(const float* q, const float* flat, const float* a, const flo
   }
 }
 
+// The reference surprise sum_features mean_rows (M(q) - v)^2 of each slot (S) and its gradient
+// with respect to the slot's flat weights (S, n): forward, error and backward in one pass.
+template <int dv, int hv>
+void recall_slots(const float* q, const float* values, const float* flat, int64_t S, int64_t R,
+                  float* surprise, float* gflat, int threads) {
+  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
+  std::vector<float> a(R * h), s(R * h), g(R * d);
+  for (int64_t i = 0; i < S; ++i) {
+    const Slot w(flat + i * n, d, h);
+    const float *qi = q + i * R * d, *vi = values + i * R * d;
+    forward_slots<dv, hv>(qi, flat + i * n, 1, R, g.data(), a.data(), s.data(), threads);
+    vf total = vf{};
+    for (int64_t e = 0; e < R * d; e += V) {  // g: the error, then d surprise / d M(q)
+      const vf diff = load(g.data() + e) - load(vi + e);
+      total += diff * diff;
+      store(g.data() + e, diff * (2.0f / static_cast<float>(R)));
+    }
+    surprise[i] = hsum(total) / static_cast<float>(R);
+    backward_slot<dv, hv>(w, qi, a.data(), s.data(), g.data(), R, nullptr, gflat + i * n);
+  }
+}
+
 // Calls fn<dv, hv>(args...) for the supported widths: d in {16, 32}, h in {16, 32, 64}.
 #define TITANS_DISPATCH(fn, d, h, ...)                       \
   switch ((d) / V * 8 + (h) / V) {                           \
@@ -183,6 +205,17 @@ int titans_mlp_backward(const float* q, const float* flat, const float* a, const
                         float* gflat) {
   if (!titans_mlp_supported(d, h)) return 0;
   TITANS_DISPATCH(backward_slots, d, h, q, flat, a, s, g, S, R, gq, gflat)
+}
+
+// surprise (S) = sum_features mean_rows (M(q) - values)^2 per slot, for q and values (S, R, d),
+// and its gradient with respect to the flat weights, gflat (S, n). Returns 0 for an unsupported
+// width.
+int titans_mlp_recall(const float* q, const float* values, const float* flat, int64_t S,
+                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat,
+                      int threads) {
+  if (!titans_mlp_supported(d, h)) return 0;
+  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
+                  threads < 1 ? 1 : threads)
 }
 
 }  // extern "C"
