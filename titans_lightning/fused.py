@@ -166,8 +166,7 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
     S, R, d = keys.shape
     surprise, gflat = keys.new_empty(S), torch.empty_like(flat)
     library().titans_mlp_recall(keys.data_ptr(), values.data_ptr(), flat.data_ptr(), S, R, d,
-                                hidden, surprise.data_ptr(), gflat.data_ptr(),
-                                torch.get_num_threads())
+                                hidden, surprise.data_ptr(), gflat.data_ptr())
     return surprise, gflat
 
 
@@ -348,7 +347,7 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_forward.restype = ctypes.c_int
     lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_backward.restype = ctypes.c_int
-    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]
+    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_recall.restype = ctypes.c_int
     return lib
 

@@ -10,13 +10,15 @@
 #include <omp.h>
 #endif
 
+#include <memory>
 #include <vector>
 
 #include "vector.h"
 
 namespace {
 
-constexpr int B = 4;  // rows per block of the weight-gradient sums
+constexpr int B = 4;   // rows per weight load in the backward pass
+constexpr int FB = 8;  // rows per weight load in the forward pass
 
 struct Slot {
   const float *w1, *b1, *w2, *b2;  // views into the flat weights
@@ -32,93 +34,121 @@ struct Slot {
   }
 };
 
-// One row: a = q W1^T + b1, s = silu(a), out = s W2^T + b2 (a and s also written when given).
-// dv = d / V and hv = h / V are compile-time constants, so the accumulators stay in registers.
-template <int dv, int hv>
-void forward_row(const Slot& w, const float* q, float* out, float* a_out, float* s_out) {
+// N rows: a = q W1^T + b1, s = silu(a), out = s W2^T + b2 (a and s also written when given).
+// dv = d / V, hv = h / V and N are compile-time constants, so the N accumulators stay in
+// registers; each weight vector is loaded once for the N rows.
+template <int dv, int hv, int N>
+void forward_rows(const Slot& w, const float* q, float* out, float* a_out, float* s_out,
+                  float* sig_out = nullptr) {
   constexpr int64_t d = dv * V, h = hv * V;
-  alignas(64) float s[hv * V];
-  // Sums are split over two (four) partial accumulators: one accumulator would make every
-  // multiply-add wait for the previous one.
-  vf acc[hv], odd[hv];
-  for (int v = 0; v < hv; ++v) acc[v] = load(w.b1 + v * V), odd[v] = vf{};
-  for (int64_t k = 0; k < d; k += 2)
-    for (int v = 0; v < hv; ++v) {
-      acc[v] += q[k] * load(w.w1t.data() + k * h + v * V);
-      odd[v] += q[k + 1] * load(w.w1t.data() + (k + 1) * h + v * V);
-    }
-  for (int v = 0; v < hv; ++v) acc[v] += odd[v];
+  alignas(64) float s[N][hv * V];
   for (int v = 0; v < hv; ++v) {
-    const vf sv = acc[v] * sigmoid(acc[v]);
-    store(s + v * V, sv);
-    if (a_out) store(a_out + v * V, acc[v]);
-    if (s_out) store(s_out + v * V, sv);
+    vf acc[N];
+    for (int b = 0; b < N; ++b) acc[b] = load(w.b1 + v * V);
+    for (int64_t k = 0; k < d; ++k) {
+      const vf wv = load(w.w1t.data() + k * h + v * V);
+      for (int b = 0; b < N; ++b) acc[b] += q[b * d + k] * wv;
+    }
+    for (int b = 0; b < N; ++b) {
+      const vf sg = sigmoid(acc[b]), sv = acc[b] * sg;
+      store(s[b] + v * V, sv);
+      if (a_out) store(a_out + b * h + v * V, acc[b]);
+      if (s_out) store(s_out + b * h + v * V, sv);
+      if (sig_out) store(sig_out + b * h + v * V, sg);
+    }
   }
-  vf o[4][dv];
-  for (int u = 0; u < dv; ++u) o[0][u] = load(w.b2 + u * V), o[1][u] = o[2][u] = o[3][u] = vf{};
-  for (int64_t j = 0; j < h; j += 4)
-    for (int t = 0; t < 4; ++t)
-      for (int u = 0; u < dv; ++u) o[t][u] += s[j + t] * load(w.w2t.data() + (j + t) * d + u * V);
-  for (int u = 0; u < dv; ++u) store(out + u * V, (o[0][u] + o[1][u]) + (o[2][u] + o[3][u]));
+  for (int u = 0; u < dv; ++u) {
+    vf o[N];
+    for (int b = 0; b < N; ++b) o[b] = load(w.b2 + u * V);
+    for (int64_t j = 0; j < h; ++j) {
+      const vf wv = load(w.w2t.data() + j * d + u * V);
+      for (int b = 0; b < N; ++b) o[b] += s[b][j] * wv;
+    }
+    for (int b = 0; b < N; ++b) store(out + b * d + u * V, o[b]);
+  }
 }
 
-// The backward pass of one slot: gq (R, d) when given, gflat (n) when given.
-template <int dv, int hv>
-void backward_slot(const Slot& w, const float* q, const float* a, const float* s, const float* g,
-                   int64_t R, float* gq, float* gw1) {
-  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
-  alignas(64) float ga[B][hv * V];  // gradient at the pre-activation, per row
-  if (gw1) std::memset(gw1, 0, sizeof(float) * n);
-  for (int64_t r0 = 0; r0 < R; r0 += B) {
-    const int rows = R - r0 < B ? static_cast<int>(R - r0) : B;
-    for (int b = 0; b < rows; ++b) {
-      const int64_t row = r0 + b;
-      const float* gr = g + row * d;
-      for (int v = 0; v < hv; ++v) {  // through W2, then silu
-        vf gs = vf{}, odd = vf{};
-        for (int64_t u = 0; u < d; u += 2) {
-          gs += gr[u] * load(w.w2 + u * h + v * V);
-          odd += gr[u + 1] * load(w.w2 + (u + 1) * h + v * V);
-        }
-        gs += odd;
-        const vf av = load(a + row * h + v * V), sig = sigmoid(av);
-        store(ga[b] + v * V, gs * sig * (1.0f + av * (1.0f - sig)));
+// out (m, cv * V) = x^T y over R rows, for x (R, m) and y (R, cv * V): 16 rows of out at a time
+// in 16 vector accumulators, one load of y per row and vector.
+template <int cv, int64_t m>
+void outer_sum(const float* x, const float* y, int64_t R, float* out) {
+  constexpr int64_t c = cv * V;
+  for (int64_t i0 = 0; i0 < m; i0 += V)
+    for (int v = 0; v < cv; ++v) {
+      vf acc[V] = {};
+      for (int64_t r = 0; r < R; ++r) {
+        const vf yv = load(y + r * c + v * V);
+        const float* xr = x + r * m + i0;
+        for (int t = 0; t < V; ++t) acc[t] += xr[t] * yv;
       }
-      if (gq) {
-        vf acc[4][dv] = {};
-        for (int64_t j = 0; j < h; j += 4)
-          for (int t = 0; t < 4; ++t)
-            for (int u = 0; u < dv; ++u)
-              acc[t][u] += ga[b][j + t] * load(w.w1 + (j + t) * d + u * V);
-        for (int u = 0; u < dv; ++u)
-          store(gq + row * d + u * V, (acc[0][u] + acc[1][u]) + (acc[2][u] + acc[3][u]));
-      }
+      for (int t = 0; t < V; ++t) store(out + (i0 + t) * c + v * V, acc[t]);
     }
-    if (!gw1) continue;
-    float *gb1 = gw1 + h * d, *gw2 = gb1 + h, *gb2 = gw2 + d * h;
-    for (int64_t j = 0; j < h; ++j)  // gW1[j, :] += ga[j] q
-      for (int u = 0; u < dv; ++u) {
-        vf acc = load(gw1 + j * d + u * V);
-        for (int b = 0; b < rows; ++b) acc += ga[b][j] * load(q + (r0 + b) * d + u * V);
-        store(gw1 + j * d + u * V, acc);
-      }
-    for (int v = 0; v < hv; ++v) {  // gb1 += ga
-      vf acc = load(gb1 + v * V);
-      for (int b = 0; b < rows; ++b) acc += load(ga[b] + v * V);
-      store(gb1 + v * V, acc);
+}
+
+// out (cv * V) = the sum over R rows of x (R, cv * V).
+template <int cv>
+void column_sum(const float* x, int64_t R, float* out) {
+  for (int v = 0; v < cv; ++v) {
+    vf acc = vf{}, odd = vf{};
+    int64_t r = 0;
+    for (; r + 1 < R; r += 2) {
+      acc += load(x + r * cv * V + v * V);
+      odd += load(x + (r + 1) * cv * V + v * V);
     }
-    for (int64_t u = 0; u < d; ++u)  // gW2[u, :] += g[u] s
-      for (int v = 0; v < hv; ++v) {
-        vf acc = load(gw2 + u * h + v * V);
-        for (int b = 0; b < rows; ++b) acc += g[(r0 + b) * d + u] * load(s + (r0 + b) * h + v * V);
-        store(gw2 + u * h + v * V, acc);
-      }
-    for (int u = 0; u < dv; ++u) {  // gb2 += g
-      vf acc = load(gb2 + u * V);
-      for (int b = 0; b < rows; ++b) acc += load(g + (r0 + b) * d + u * V);
-      store(gb2 + u * V, acc);
+    if (r < R) acc += load(x + r * cv * V + v * V);
+    store(out + v * V, acc + odd);
+  }
+}
+
+// ga = (g W2) * silu'(a) and, when gq is given, gq = ga W1 for N rows; sigmoid(a) is read from
+// sig when given (the forward pass kept it), else computed.
+template <int dv, int hv, int N>
+void backward_rows(const Slot& w, const float* a, const float* sig, const float* g, float* ga,
+                   float* gq) {
+  constexpr int64_t d = dv * V, h = hv * V;
+  for (int v = 0; v < hv; ++v) {
+    vf gs[N] = {};
+    for (int64_t u = 0; u < d; ++u) {
+      const vf wv = load(w.w2 + u * h + v * V);
+      for (int b = 0; b < N; ++b) gs[b] += g[b * d + u] * wv;
+    }
+    for (int b = 0; b < N; ++b) {
+      const vf av = load(a + b * h + v * V);
+      const vf sg = sig ? load(sig + b * h + v * V) : sigmoid(av);
+      store(ga + b * h + v * V, gs[b] * sg * (1.0f + av * (1.0f - sg)));
     }
   }
+  if (!gq) return;
+  for (int u = 0; u < dv; ++u) {
+    vf acc[N] = {};
+    for (int64_t j = 0; j < h; ++j) {
+      const vf wv = load(w.w1 + j * d + u * V);
+      for (int b = 0; b < N; ++b) acc[b] += ga[b * h + j] * wv;
+    }
+    for (int b = 0; b < N; ++b) store(gq + b * d + u * V, acc[b]);
+  }
+}
+
+// The backward pass of one slot: gq (R, d) when given, gflat (n) when given. ga (R, h) is
+// scratch for the gradient at the pre-activation; sig as in backward_rows.
+template <int dv, int hv>
+void backward_slot(const Slot& w, const float* q, const float* a, const float* s,
+                   const float* sig, const float* g, int64_t R, float* gq, float* gflat,
+                   float* ga) {
+  constexpr int64_t d = dv * V, h = hv * V;
+  int64_t r = 0;
+  for (; r + B <= R; r += B)
+    backward_rows<dv, hv, B>(w, a + r * h, sig ? sig + r * h : nullptr, g + r * d, ga + r * h,
+                             gq ? gq + r * d : nullptr);
+  for (; r < R; ++r)
+    backward_rows<dv, hv, 1>(w, a + r * h, sig ? sig + r * h : nullptr, g + r * d, ga + r * h,
+                             gq ? gq + r * d : nullptr);
+  if (!gflat) return;
+  float *gw1 = gflat, *gb1 = gw1 + h * d, *gw2 = gb1 + h, *gb2 = gw2 + d * h;
+  outer_sum<dv, h>(ga, q, R, gw1);  // gW1 (h, d) = ga^T q
+  outer_sum<hv, d>(g, s, R, gw2);   // gW2 (d, h) = g^T s
+  column_sum<hv>(ga, R, gb1);
+  column_sum<dv>(g, R, gb2);
 }
 
 template <int dv, int hv>
@@ -127,11 +157,17 @@ void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, floa
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
-#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 512)
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = i * R + r;
-      forward_row<dv, hv>(w, q + row * d, out + row * d, a ? a + row * h : nullptr,
-                          s ? s + row * h : nullptr);
+#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 2048)
+    for (int64_t r0 = 0; r0 < R; r0 += FB) {
+      const int64_t row = i * R + r0;
+      float *a_out = a ? a + row * h : nullptr, *s_out = s ? s + row * h : nullptr;
+      if (r0 + FB <= R) {
+        forward_rows<dv, hv, FB>(w, q + row * d, out + row * d, a_out, s_out);
+      } else {
+        for (int64_t r = 0; r < R - r0; ++r)
+          forward_rows<dv, hv, 1>(w, q + (row + r) * d, out + (row + r) * d,
+                                  a_out ? a_out + r * h : nullptr, s_out ? s_out + r * h : nullptr);
+      }
     }
   }
 }
@@ -140,10 +176,12 @@ template <int dv, int hv>
 void backward_slots(const float* q, const float* flat, const float* a, const float* s,
                     const float* g, int64_t S, int64_t R, float* gq, float* gflat) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
+  std::vector<float> ga(R * h);
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
-    backward_slot<dv, hv>(w, q + i * R * d, a + i * R * h, s + i * R * h, g + i * R * d, R,
-                          gq ? gq + i * R * d : nullptr, gflat ? gflat + i * n : nullptr);
+    backward_slot<dv, hv>(w, q + i * R * d, a + i * R * h, s + i * R * h, nullptr,
+                          g + i * R * d, R, gq ? gq + i * R * d : nullptr,
+                          gflat ? gflat + i * n : nullptr, ga.data());
   }
 }
 
@@ -151,21 +189,29 @@ void backward_slots(const float* q, const float* flat, const float* a, const flo
 // with respect to the slot's flat weights (S, n): forward, error and backward in one pass.
 template <int dv, int hv>
 void recall_slots(const float* q, const float* values, const float* flat, int64_t S, int64_t R,
-                  float* surprise, float* gflat, int threads) {
+                  float* surprise, float* gflat) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
-  std::vector<float> a(R * h), s(R * h), g(R * d);
+  std::unique_ptr<float[]> a(new float[R * h]), s(new float[R * h]), sig(new float[R * h]),
+      g(new float[R * d]), ga(new float[R * h]);
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
     const float *qi = q + i * R * d, *vi = values + i * R * d;
-    forward_slots<dv, hv>(qi, flat + i * n, 1, R, g.data(), a.data(), s.data(), threads);
+    int64_t r = 0;
+    for (; r + FB <= R; r += FB)
+      forward_rows<dv, hv, FB>(w, qi + r * d, g.get() + r * d, a.get() + r * h, s.get() + r * h,
+                               sig.get() + r * h);
+    for (; r < R; ++r)
+      forward_rows<dv, hv, 1>(w, qi + r * d, g.get() + r * d, a.get() + r * h, s.get() + r * h,
+                              sig.get() + r * h);
     vf total = vf{};
     for (int64_t e = 0; e < R * d; e += V) {  // g: the error, then d surprise / d M(q)
-      const vf diff = load(g.data() + e) - load(vi + e);
+      const vf diff = load(g.get() + e) - load(vi + e);
       total += diff * diff;
-      store(g.data() + e, diff * (2.0f / static_cast<float>(R)));
+      store(g.get() + e, diff * (2.0f / static_cast<float>(R)));
     }
     surprise[i] = hsum(total) / static_cast<float>(R);
-    backward_slot<dv, hv>(w, qi, a.data(), s.data(), g.data(), R, nullptr, gflat + i * n);
+    backward_slot<dv, hv>(w, qi, a.get(), s.get(), sig.get(), g.get(), R, nullptr, gflat + i * n,
+                          ga.get());
   }
 }
 
@@ -208,14 +254,13 @@ int titans_mlp_backward(const float* q, const float* flat, const float* a, const
 }
 
 // surprise (S) = sum_features mean_rows (M(q) - values)^2 per slot, for q and values (S, R, d),
-// and its gradient with respect to the flat weights, gflat (S, n). Returns 0 for an unsupported
-// width.
+// and its gradient with respect to the flat weights, gflat (S, n), on one thread (a thousand rows
+// take tens of microseconds, about what waking a second thread costs). Returns 0 for an
+// unsupported width.
 int titans_mlp_recall(const float* q, const float* values, const float* flat, int64_t S,
-                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat,
-                      int threads) {
+                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat) {
   if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
-                  threads < 1 ? 1 : threads)
+  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat)
 }
 
 }  // extern "C"
