@@ -358,6 +358,26 @@ def test_query_kernel_equals_linear_normalize_silu(then_silu):
     assert not fused.supports_query(x, linear)  # with a gradient: the library's operators
 
 
+def test_keys_values_kernel_equals_the_reference_formulas(monkeypatch):
+    from titans_lightning.memory import NeuralMemory
+    from titans_lightning.strategies import titans_default
+    torch.manual_seed(0)
+    memory = NeuralMemory(16, 32, 2, "titans_default")
+    x = torch.randn(2, 300, 16)
+    x[0, 0] = 0.0  # a zero row: keys of norm 0, kept finite by F.normalize's eps
+    K, V = memory.state["key_proj"], memory.state["value_proj"]
+    assert fused.supports_keys_values(x, K, V)
+    keys, values = titans_default.compute_keys_values(memory, x)
+    monkeypatch.setattr(fused, "supports_keys_values", lambda *args: False)
+    want_keys, want_values = titans_default.compute_keys_values(memory, x)
+    torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    K = K.clone().requires_grad_(True)
+    assert not fused.supports_keys_values(x, K, V)  # learnable projections: autograd's operators
+    assert not fused.supports_keys_values(x.double(), K.double(), V.double())
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 compiler flag")
 def test_portable_vector_code_computes_the_same(monkeypatch, tmp_path):
     """The build without AVX-512 (what a machine without it compiles) matches the references."""

@@ -1,6 +1,7 @@
 """Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``), attention core
-(``csrc/attention.cpp``) and residual + layer norm (``csrc/rows.cpp``), the MAC query
-(``csrc/rows.cpp``), and the two-layer neural memory (``csrc/memory_mlp.cpp``).
+(``csrc/attention.cpp``) and residual + layer norm (``csrc/rows.cpp``), the MAC query and the
+memory's keys and values (``csrc/rows.cpp``), and the two-layer neural memory
+(``csrc/memory_mlp.cpp``).
 
 Shape legend
     M  rows (tokens of all windows)    d  row width (16)    f  feed-forward width
@@ -286,6 +287,25 @@ def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
     return out
 
 
+def supports_keys_values(x: Tensor, *projections: Tensor) -> bool:
+    """Whether the kernel can compute the reference keys and values of rows x (..., 16) with
+    (16, 16) projections, none of them needing a gradient."""
+    return (_kernel_can_take(x) and x.shape[-1] == ROW_WIDTH
+            and all(p.shape == (ROW_WIDTH, ROW_WIDTH) and p.dtype == torch.float32
+                    and p.device == x.device for p in projections)
+            and not _needs_grad(x, *projections))
+
+
+def keys_values(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> tuple[Tensor, Tensor]:
+    """``normalize(silu(x K^T))`` and ``silu(x V^T)`` over the last dimension; no autograd."""
+    x, key_proj, value_proj = (t.detach().contiguous() for t in (x, key_proj, value_proj))
+    keys, values = torch.empty_like(x), torch.empty_like(x)
+    library().titans_keys_values_forward(x.data_ptr(), key_proj.data_ptr(),
+                                         value_proj.data_ptr(), x.numel() // ROW_WIDTH,
+                                         keys.data_ptr(), values.data_ptr())
+    return keys, values
+
+
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
@@ -342,6 +362,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_layer_norm_backward.restype = None
     lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P]
     lib.titans_query_forward.restype = None
+    lib.titans_keys_values_forward.argtypes = [_P, _P, _P, _I64, _P, _P]
+    lib.titans_keys_values_forward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     lib.titans_mlp_forward.restype = ctypes.c_int

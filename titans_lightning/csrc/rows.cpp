@@ -2,7 +2,8 @@
 // library's operators, built for wide rows, cost several times the arithmetic:
 //   * the encoder layer's residual connection and layer norm, y = LayerNorm(x + r), forward and
 //     backward;
-//   * the MAC query, silu(normalize(x W^T + b)) or normalize(x W^T + b), forward only.
+//   * the MAC query, silu(normalize(x W^T + b)) or normalize(x W^T + b), forward only;
+//   * the memory's keys and values, normalize(silu(x K^T)) and silu(x V^T), forward only.
 //
 // Shape legend: M rows, D = 16 row width.
 
@@ -75,6 +76,26 @@ void titans_query_forward(const float* x, const float* w, const float* b, int64_
     const float norm = std::sqrt(hsum(a * a));
     a = a * (1.0f / (norm > 1e-12f ? norm : 1e-12f));  // F.normalize's eps
     store(out + i * D, then_silu ? a * sigmoid(a) : a);
+  }
+}
+
+// keys (M, D) = normalize(silu(x K^T)), values (M, D) = silu(x V^T), for K, V (D, D).
+void titans_keys_values_forward(const float* x, const float* key_w, const float* value_w,
+                                int64_t M, float* keys, float* values) {
+  float kt[D * D], vt[D * D];  // K^T, V^T: row k holds the weights of input k
+  for (int o = 0; o < D; ++o)
+    for (int k = 0; k < D; ++k)
+      kt[k * D + o] = key_w[o * D + k], vt[k * D + o] = value_w[o * D + k];
+  for (int64_t i = 0; i < M; ++i) {
+    vf a = vf{}, b = vf{};
+    for (int k = 0; k < D; ++k) {
+      a += x[i * D + k] * load(kt + k * D);
+      b += x[i * D + k] * load(vt + k * D);
+    }
+    a = a * sigmoid(a);
+    const float norm = std::sqrt(hsum(a * a));
+    store(keys + i * D, a * (1.0f / (norm > 1e-12f ? norm : 1e-12f)));  // F.normalize's eps
+    store(values + i * D, b * sigmoid(b));
   }
 }
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fused
+
 DEFAULTS = {"alpha": 0.999, "eta": 0.9, "theta": 0.01}
 
 
@@ -32,6 +34,8 @@ def init_memory_state(memory, emb_dim):
 
 
 def compute_keys_values(memory, x):
+    if fused.supports_keys_values(x, memory.state["key_proj"], memory.state["value_proj"]):
+        return fused.keys_values(x, memory.state["key_proj"], memory.state["value_proj"])
     kv = F.silu(x @ torch.cat([memory.state["key_proj"], memory.state["value_proj"]]).T)
     keys, values = kv.split(memory.state["key_proj"].shape[0], dim=-1)  # one product for both
     return F.normalize(keys, dim=-1), values
