@@ -80,9 +80,15 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _plain(t: Tensor) -> Tensor:
+    """t as the kernels read it: contiguous, outside autograd (a detach only where needed: in a
+    pass without a gradient it would be one more operation per tensor and call)."""
+    return (t.detach() if t.requires_grad else t).contiguous()
+
+
 def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool):
     """The kernel's forward pass -> (out (M, d), the inputs made contiguous, the keep bits)."""
-    x, w1, b1, w2, b2 = (t.detach().contiguous() for t in (x, w1, b1, w2, b2))
+    x, w1, b1, w2, b2 = map(_plain, (x, w1, b1, w2, b2))
     M, f = x.shape[0], w1.shape[0]
     out = x.new_empty(M, ROW_WIDTH)
     # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
@@ -135,7 +141,7 @@ def memory_forward(q: Tensor, flat: Tensor, hidden: int, keep: bool
                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``M(q)`` (S, R, d) of the two-layer memory with flat weights (S, n); with ``keep`` also
     its pre-activation and activation (S, R, h) for :func:`memory_backward`. No autograd."""
-    q, flat = q.detach().contiguous(), flat.detach().contiguous()
+    q, flat = _plain(q), _plain(flat)
     S, R, d = q.shape
     out = q.new_empty(S, R, d)
     a, s = (q.new_empty(S, R, hidden), q.new_empty(S, R, hidden)) if keep else (None, None)
@@ -148,7 +154,7 @@ def memory_forward(q: Tensor, flat: Tensor, hidden: int, keep: bool
 def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, need_q: bool,
                     need_weights: bool) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of :func:`memory_forward` for g = d loss / d M(q): (gq, gflat)."""
-    q, flat, g = q.detach().contiguous(), flat.detach().contiguous(), g.detach().contiguous()
+    q, flat, g = _plain(q), _plain(flat), _plain(g)
     S, R, d = q.shape
     gq = torch.empty_like(q) if need_q else None
     gflat = torch.empty_like(flat) if need_weights else None
@@ -163,7 +169,7 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
                   ) -> tuple[Tensor, Tensor]:
     """The reference surprise ``sum_features mean_rows (M(keys) - values)^2`` per slot (S,) and
     its gradient with respect to the flat weights (S, n), in one call. No autograd."""
-    keys, values, flat = (t.detach().contiguous() for t in (keys, values, flat))
+    keys, values, flat = _plain(keys), _plain(values), _plain(flat)
     S, R, d = keys.shape
     surprise, gflat = keys.new_empty(S), torch.empty_like(flat)
     library().titans_mlp_recall(keys.data_ptr(), values.data_ptr(), flat.data_ptr(), S, R, d,
@@ -193,7 +199,7 @@ def attention(qkv: Tensor, heads: int, p: float) -> Tensor:
 def _attention(qkv, heads: int, p: float, seed: int, keep_weights: bool):
     """The kernel's forward pass -> (out (N, L, d), qkv made contiguous, the softmax weights
     before dropout (N * heads, L, Lp) if kept for a backward pass, else None)."""
-    qkv = qkv.detach().contiguous()
+    qkv = _plain(qkv)
     N, L, three_d = qkv.shape
     d = three_d // 3
     lib = library()
@@ -243,7 +249,7 @@ def add_layer_norm(x: Tensor, r: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
 
 def _add_layer_norm(x, r, w, b, eps: float):
     """The kernel's forward pass -> (out, the inputs its backward pass needs)."""
-    x, r, w, b = (t.detach().contiguous() for t in (x, r, w, b))
+    x, r, w, b = _plain(x), _plain(r), _plain(w), _plain(b)
     out = torch.empty_like(x)
     library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
                                         x.numel() // ROW_WIDTH, eps, out.data_ptr())
@@ -298,7 +304,7 @@ def supports_keys_values(x: Tensor, *projections: Tensor) -> bool:
 
 def keys_values(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> tuple[Tensor, Tensor]:
     """``normalize(silu(x K^T))`` and ``silu(x V^T)`` over the last dimension; no autograd."""
-    x, key_proj, value_proj = (t.detach().contiguous() for t in (x, key_proj, value_proj))
+    x, key_proj, value_proj = _plain(x), _plain(key_proj), _plain(value_proj)
     keys, values = torch.empty_like(x), torch.empty_like(x)
     library().titans_keys_values_forward(x.data_ptr(), key_proj.data_ptr(),
                                          value_proj.data_ptr(), x.numel() // ROW_WIDTH,

@@ -133,9 +133,7 @@ class NeuralMemory(nn.Module):
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """(S, n_weights) -> ``{name: (S, ...)}`` views, in ``weight_names`` order."""
-        parts = flat.split(self._sizes, dim=1)
-        return _FlatViews(flat, {n: p.view(flat.shape[0], *shape)
-                                 for n, p, shape in zip(self.weight_names, parts, self._shapes)})
+        return _FlatViews(flat, self.weight_names, self._shapes, self._sizes)
 
     def flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
         """``{name: (S, ...)}`` -> one (S, n_weights) tensor (a rule can then work on it whole)."""
@@ -479,17 +477,49 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 
 class _FlatViews(dict):
-    """The dict :meth:`NeuralMemory.unflatten` returns: it remembers the flat tensor it views,
-    so that flattening it again (the usual round trip of a rule) costs nothing."""
+    """The dict :meth:`NeuralMemory.unflatten` returns. It remembers the flat tensor it views, so
+    that flattening it again (the usual round trip of a rule) costs nothing, and makes the views
+    only when it is first read: a rule that flattens it straight away never pays for them."""
 
-    def __init__(self, flat: Tensor, views: dict[str, Tensor]):
-        super().__init__(views)
-        self.flat, self._views = flat, tuple(views.values())
+    def __init__(self, flat: Tensor, names: tuple[str, ...], shapes: list[tuple[int, ...]],
+                 sizes: list[int]):
+        super().__init__()
+        self.flat = flat
+        self._recipe: tuple | None = (names, shapes, sizes)  # None once the views exist
+        self._views: tuple[Tensor, ...] = ()
+
+    def _make_views(self) -> None:
+        if self.__dict__.get("_recipe") is None:  # made, or being unpickled (items come first)
+            return
+        names, shapes, sizes = self._recipe
+        self._recipe = None
+        parts = self.flat.split(sizes, dim=1)
+        dict.update(self, {n: p.view(self.flat.shape[0], *shape)
+                           for n, p, shape in zip(names, parts, shapes)})
+        self._views = tuple(dict.values(self))
 
     def unchanged(self) -> bool:
         """Still exactly the views it was made with (a rule may replace entries)."""
+        if self._recipe is not None:
+            return True
         return len(self) == len(self._views) and all(
-            a is b for a, b in zip(self.values(), self._views))
+            a is b for a, b in zip(dict.values(self), self._views))
+
+
+def _reading_makes_views(method):
+    def read(self, *args, **kwargs):
+        for views in (self, *args):  # the other operand of ==, |, update too
+            if isinstance(views, _FlatViews):
+                views._make_views()
+        return method(self, *args, **kwargs)
+    return read
+
+
+for _name in ("__getitem__", "__iter__", "__len__", "__contains__", "__repr__", "__eq__",
+              "__ne__", "__or__", "__ror__", "__ior__", "__reversed__", "__setitem__",
+              "__delitem__", "__reduce_ex__", "keys", "values", "items", "get", "copy", "pop",
+              "popitem", "setdefault", "update", "clear"):
+    setattr(_FlatViews, _name, _reading_makes_views(getattr(dict, _name)))
 
 
 def _all_finite(*flats: Tensor) -> Tensor:
