@@ -281,6 +281,25 @@ def test_update_takes_the_recall_gradient_only_for_the_surprise_it_belongs_to(mo
     torch.testing.assert_close(scaled.history[-1]["grads"], 2 * g_direct)
 
 
+def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
+    from titans_lightning.memory import _all_finite
+    torch.manual_seed(0)
+    S, n = 6, 1072
+    surprise, grads, new, old = torch.rand(S), torch.randn(S, n), torch.randn(S, n), torch.randn(S, n)
+    surprise[1] = float("nan")
+    grads[2, 7] = float("inf")
+    new[3, n - 1] = -float("inf")
+    new[4] = 3e38  # finite, though a sum of the entries would overflow
+    updates, skipped = torch.tensor(5), torch.tensor(2)
+    assert fused.supports_commit(surprise, grads, new, old)
+    ok, weights = fused.commit_update(surprise, grads, new, old, updates, skipped)
+    want = _all_finite(surprise[:, None], grads, new)
+    assert ok.tolist() == want.tolist() == [True, False, False, False, True, True]
+    assert torch.equal(weights, torch.where(want[:, None], new, old))
+    assert int(updates) == 6 and int(skipped) == 5
+    assert not fused.supports_commit(surprise, grads, new.requires_grad_(True), old)
+
+
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):

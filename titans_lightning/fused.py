@@ -177,6 +177,27 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
     return surprise, gflat
 
 
+def supports_commit(*tensors: Tensor) -> bool:
+    """Whether the kernel can check and apply an update of these float32 CPU tensors (none
+    needing a gradient)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not _needs_grad(*tensors) and library() is not None)
+
+
+def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,
+                  skipped: Tensor) -> tuple[Tensor, Tensor]:
+    """Per slot, whether the surprise (S,), gradients and new weights (S, n) are all finite (ok),
+    and the weights to keep: ``new`` where ok, else ``old``. Adds one to the ``updates``
+    counter and the number of slots not ok to ``skipped`` (int64 scalars, in place)."""
+    surprise, grads, new, old = _plain(surprise), _plain(grads), _plain(new), _plain(old)
+    S, n = old.shape
+    weights, ok = torch.empty_like(old), torch.empty(S, dtype=torch.bool)
+    library().titans_memory_commit(surprise.data_ptr(), grads.data_ptr(), new.data_ptr(),
+                                   old.data_ptr(), S, n, weights.data_ptr(), ok.data_ptr(),
+                                   updates.data_ptr(), skipped.data_ptr())
+    return ok, weights
+
+
 def supports_attention(x: Tensor, head_width: int) -> bool:
     """Whether the kernel can run the attention core of x (N, L, d) with heads of width e."""
     return _kernel_can_take(x) and _attention_sizes_supported(head_width, x.shape[-2])
@@ -377,6 +398,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_backward.restype = ctypes.c_int
     lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_recall.restype = ctypes.c_int
+    lib.titans_memory_commit.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P]
+    lib.titans_memory_commit.restype = None
     return lib
 
 

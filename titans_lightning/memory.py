@@ -233,11 +233,23 @@ class NeuralMemory(nn.Module):
             surprise, grads = self.reduce(surprise, grads, x.shape[1])
         self._gate = None
         new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
-        ok = _all_finite(surprise.reshape(self.n_slots, -1), grads, new)  # (S,)
-        self._buffers["fast_weights"] = torch.where(ok[:, None], new, old)
+        ok, self._buffers["fast_weights"] = self._checked(surprise, grads, new, old)
         self._commit_state(old_state, ok)
         self._record(surprise, grads, old, ok)
         return surprise
+
+    def _checked(self, surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """Per slot (S,), whether the update is finite, and the weights to keep (the new ones
+        where it is, the old ones elsewhere); counts the update and its skipped slots."""
+        if (surprise.shape == (self.n_slots,) and new.shape == grads.shape == old.shape
+                and fused.supports_commit(surprise, grads, new, old)):  # one kernel call
+            return fused.commit_update(surprise, grads, new, old, self.num_updates,
+                                       self.skipped_updates)
+        ok = _all_finite(surprise.reshape(self.n_slots, -1), grads, new)  # (S,)
+        self.num_updates.add_(1)
+        self.skipped_updates.add_(ok.numel() - ok.sum())
+        return ok, torch.where(ok[:, None], new, old)
 
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         keep_graph = self.differentiable and torch.is_grad_enabled()
@@ -268,10 +280,8 @@ class NeuralMemory(nn.Module):
             self.strategy_state._buffers[name] = torch.where(keep, new, old)
 
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
-        """Count the update and keep what its statistics need; they are computed, for all the
-        updates of a forward at once, only when someone asks (:meth:`pop_history`)."""
-        self.num_updates.add_(1)
-        self.skipped_updates.add_(ok.numel() - ok.sum())
+        """Keep what the update's statistics need; they are computed, for all the updates of a
+        forward at once, only when someone asks (:meth:`pop_history`)."""
         gate = None if self._gate is None else _detached(self._gate)  # None: all of the step
         self.history.append({"surprise": _detached(surprise), "grads": _detached(grads),
                              "old": _detached(old), "new": _detached(self.fast_weights),

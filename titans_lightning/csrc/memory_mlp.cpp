@@ -263,4 +263,20 @@ int titans_mlp_recall(const float* q, const float* values, const float* flat, in
   TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat)
 }
 
+// The harness's check of one update: ok[i] = 1 when slot i's surprise (one value), gradient and
+// new weights (n each) are all finite; weights[i] = new[i] where ok, else old[i]; updates += 1,
+// skipped += the number of slots not ok.
+void titans_memory_commit(const float* surprise, const float* grads, const float* fresh,
+                          const float* old, int64_t S, int64_t n, float* weights, bool* ok,
+                          int64_t* updates, int64_t* skipped) {
+  for (int64_t i = 0; i < S; ++i) {
+    float zero = surprise[i] * 0.0f;  // 0 for finite x, NaN for inf and NaN
+    for (int64_t e = 0; e < n; ++e) zero += grads[i * n + e] * 0.0f + fresh[i * n + e] * 0.0f;
+    ok[i] = zero == 0.0f;
+    std::memcpy(weights + i * n, (ok[i] ? fresh : old) + i * n, sizeof(float) * n);
+    *skipped += !ok[i];
+  }
+  *updates += 1;
+}
+
 }  // extern "C"
