@@ -285,7 +285,8 @@ def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
     from titans_lightning.memory import _all_finite
     torch.manual_seed(0)
     S, n = 6, 1072
-    surprise, grads, new, old = torch.rand(S), torch.randn(S, n), torch.randn(S, n), torch.randn(S, n)
+    surprise, grads = torch.rand(S), torch.randn(S, n)
+    new, old = torch.randn(S, n), torch.randn(S, n)
     surprise[1] = float("nan")
     grads[2, 7] = float("inf")
     new[3, n - 1] = -float("inf")
