@@ -242,6 +242,20 @@ def test_recall_kernel_gives_the_surprise_and_its_gradient(slots, rows, d, h):
     torch.testing.assert_close(gflat.double() * weights[:, None], want, rtol=1e-4, atol=1e-5)
 
 
+def test_recall_kernel_gives_the_same_bits_on_one_and_two_threads():
+    torch.manual_seed(0)
+    keys, values, flat = torch.randn(2, 1000, 16), torch.randn(2, 1000, 16), torch.randn(2, 1072)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(fused.memory_recall(keys, values, flat * 0.3, 32))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 class _ScaledSurprise:
     """titans_default, but the surprise is twice recall_error: the gradient must double."""
 

@@ -173,7 +173,8 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
     S, R, d = keys.shape
     surprise, gflat = keys.new_empty(S), torch.empty_like(flat)
     library().titans_mlp_recall(keys.data_ptr(), values.data_ptr(), flat.data_ptr(), S, R, d,
-                                hidden, surprise.data_ptr(), gflat.data_ptr())
+                                hidden, surprise.data_ptr(), gflat.data_ptr(),
+                                torch.get_num_threads())
     return surprise, gflat
 
 
@@ -273,7 +274,8 @@ def _add_layer_norm(x, r, w, b, eps: float):
     x, r, w, b = _plain(x), _plain(r), _plain(w), _plain(b)
     out = torch.empty_like(x)
     library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
-                                        x.numel() // ROW_WIDTH, eps, out.data_ptr())
+                                        x.numel() // ROW_WIDTH, eps, out.data_ptr(),
+                                        torch.get_num_threads())
     return out, (x, r, w)
 
 
@@ -310,7 +312,7 @@ def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
     out = torch.empty_like(x)
     library().titans_query_forward(x.data_ptr(), linear.weight.data_ptr(),
                                    linear.bias.data_ptr(), x.numel() // ROW_WIDTH,
-                                   int(then_silu), out.data_ptr())
+                                   int(then_silu), out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -329,7 +331,8 @@ def keys_values(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> tuple[Tensor
     keys, values = torch.empty_like(x), torch.empty_like(x)
     library().titans_keys_values_forward(x.data_ptr(), key_proj.data_ptr(),
                                          value_proj.data_ptr(), x.numel() // ROW_WIDTH,
-                                         keys.data_ptr(), values.data_ptr())
+                                         keys.data_ptr(), values.data_ptr(),
+                                         torch.get_num_threads())
     return keys, values
 
 
@@ -383,20 +386,21 @@ def library() -> ctypes.CDLL | None:
                                              ctypes.c_float, _P, _P, ctypes.c_int]
     lib.titans_attention_backward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _U64, _U32,
                                               ctypes.c_float, _P, ctypes.c_int]
-    lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P]
+    lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P,
+                                              ctypes.c_int]
     lib.titans_layer_norm_forward.restype = None
     lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]
     lib.titans_layer_norm_backward.restype = None
-    lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P]
+    lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int]
     lib.titans_query_forward.restype = None
-    lib.titans_keys_values_forward.argtypes = [_P, _P, _P, _I64, _P, _P]
+    lib.titans_keys_values_forward.argtypes = [_P, _P, _P, _I64, _P, _P, ctypes.c_int]
     lib.titans_keys_values_forward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
     lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
     lib.titans_mlp_forward.restype = ctypes.c_int
     lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
     lib.titans_mlp_backward.restype = ctypes.c_int
-    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
+    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]
     lib.titans_mlp_recall.restype = ctypes.c_int
     lib.titans_memory_commit.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P]
     lib.titans_memory_commit.restype = None

@@ -129,6 +129,20 @@ void backward_rows(const Slot& w, const float* a, const float* sig, const float*
   }
 }
 
+// ga for rows r0 .. r1, in blocks of B rows.
+template <int dv, int hv>
+void backward_rows_range(const Slot& w, const float* a, const float* sig, const float* g,
+                         float* ga, int64_t r0, int64_t r1) {
+  constexpr int64_t d = dv * V, h = hv * V;
+  int64_t r = r0;
+  for (; r + B <= r1; r += B)
+    backward_rows<dv, hv, B>(w, a + r * h, sig ? sig + r * h : nullptr, g + r * d, ga + r * h,
+                             nullptr);
+  for (; r < r1; ++r)
+    backward_rows<dv, hv, 1>(w, a + r * h, sig ? sig + r * h : nullptr, g + r * d, ga + r * h,
+                             nullptr);
+}
+
 // The backward pass of one slot: gq (R, d) when given, gflat (n) when given. ga (R, h) is
 // scratch for the gradient at the pre-activation; sig as in backward_rows.
 template <int dv, int hv>
@@ -157,7 +171,7 @@ void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, floa
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
-#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 2048)
+#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 512)
     for (int64_t r0 = 0; r0 < R; r0 += FB) {
       const int64_t row = i * R + r0;
       float *a_out = a ? a + row * h : nullptr, *s_out = s ? s + row * h : nullptr;
@@ -189,29 +203,56 @@ void backward_slots(const float* q, const float* flat, const float* a, const flo
 // with respect to the slot's flat weights (S, n): forward, error and backward in one pass.
 template <int dv, int hv>
 void recall_slots(const float* q, const float* values, const float* flat, int64_t S, int64_t R,
-                  float* surprise, float* gflat) {
+                  float* surprise, float* gflat, int threads) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
   std::unique_ptr<float[]> a(new float[R * h]), s(new float[R * h]), sig(new float[R * h]),
       g(new float[R * d]), ga(new float[R * h]);
+  const int64_t blocks = (R + FB - 1) / FB;
+  std::unique_ptr<float[]> partial(new float[blocks]);  // each block's sum of squared errors
   for (int64_t i = 0; i < S; ++i) {
     const Slot w(flat + i * n, d, h);
     const float *qi = q + i * R * d, *vi = values + i * R * d;
-    int64_t r = 0;
-    for (; r + FB <= R; r += FB)
-      forward_rows<dv, hv, FB>(w, qi + r * d, g.get() + r * d, a.get() + r * h, s.get() + r * h,
-                               sig.get() + r * h);
-    for (; r < R; ++r)
-      forward_rows<dv, hv, 1>(w, qi + r * d, g.get() + r * d, a.get() + r * h, s.get() + r * h,
-                              sig.get() + r * h);
-    vf total = vf{};
-    for (int64_t e = 0; e < R * d; e += V) {  // g: the error, then d surprise / d M(q)
-      const vf diff = load(g.get() + e) - load(vi + e);
-      total += diff * diff;
-      store(g.get() + e, diff * (2.0f / static_cast<float>(R)));
+    float* gi = gflat + i * n;
+    // rows split over the threads; the two weight gradients, one per thread
+#pragma omp parallel num_threads(threads) if (R >= 512)
+    {
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r0 = blk * FB, r1 = r0 + FB < R ? r0 + FB : R;
+        if (r1 - r0 == FB) {
+          forward_rows<dv, hv, FB>(w, qi + r0 * d, g.get() + r0 * d, a.get() + r0 * h,
+                                   s.get() + r0 * h, sig.get() + r0 * h);
+        } else {
+          for (int64_t r = r0; r < r1; ++r)
+            forward_rows<dv, hv, 1>(w, qi + r * d, g.get() + r * d, a.get() + r * h,
+                                    s.get() + r * h, sig.get() + r * h);
+        }
+        vf part = vf{};  // g: the error, then d surprise / d M(q)
+        for (int64_t e = r0 * d; e < r1 * d; e += V) {
+          const vf diff = load(g.get() + e) - load(vi + e);
+          part += diff * diff;
+          store(g.get() + e, diff * (2.0f / static_cast<float>(R)));
+        }
+        partial[blk] = hsum(part);
+        backward_rows_range<dv, hv>(w, a.get(), sig.get(), g.get(), ga.get(), r0, r1);
+      }
+#pragma omp sections
+      {
+#pragma omp section
+        {
+          outer_sum<dv, h>(ga.get(), qi, R, gi);  // gW1 (h, d) = ga^T q
+          column_sum<hv>(ga.get(), R, gi + h * d);
+        }
+#pragma omp section
+        {
+          outer_sum<hv, d>(g.get(), s.get(), R, gi + h * d + h);  // gW2 (d, h) = g^T s
+          column_sum<dv>(g.get(), R, gi + 2 * h * d + h);
+        }
+      }
     }
-    surprise[i] = hsum(total) / static_cast<float>(R);
-    backward_slot<dv, hv>(w, qi, a.get(), s.get(), sig.get(), g.get(), R, nullptr, gflat + i * n,
-                          ga.get());
+    float total = 0.0f;  // summed in block order: the same on any number of threads
+    for (int64_t blk = 0; blk < blocks; ++blk) total += partial[blk];
+    surprise[i] = total / static_cast<float>(R);
   }
 }
 
@@ -254,13 +295,14 @@ int titans_mlp_backward(const float* q, const float* flat, const float* a, const
 }
 
 // surprise (S) = sum_features mean_rows (M(q) - values)^2 per slot, for q and values (S, R, d),
-// and its gradient with respect to the flat weights, gflat (S, n), on one thread (a thousand rows
-// take tens of microseconds, about what waking a second thread costs). Returns 0 for an
-// unsupported width.
+// and its gradient with respect to the flat weights, gflat (S, n); from 512 rows on, on up to
+// `threads` threads. Returns 0 for an unsupported width.
 int titans_mlp_recall(const float* q, const float* values, const float* flat, int64_t S,
-                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat) {
+                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat,
+                      int threads) {
   if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat)
+  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
+                  threads < 1 ? 1 : threads)
 }
 
 // The harness's check of one update: ok[i] = 1 when slot i's surprise (one value), gradient and

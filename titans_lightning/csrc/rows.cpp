@@ -7,6 +7,10 @@
 //
 // Shape legend: M rows, D = 16 row width.
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include <cmath>
 
 #include "vector.h"
@@ -14,6 +18,7 @@
 namespace {
 
 constexpr int D = V;  // one row is one vector
+constexpr int64_t SPLIT = 1024;  // rows from which the forward passes use the thread pool
 
 struct Row {
   vf xhat;    // (x + r - mean) / std
@@ -34,8 +39,9 @@ extern "C" {
 
 // out (M, D) = LayerNorm(x + r) with weight w and bias b (r may be null: LayerNorm(x)).
 void titans_layer_norm_forward(const float* x, const float* r, const float* w, const float* b,
-                               int64_t M, float eps, float* out) {
+                               int64_t M, float eps, float* out, int threads) {
   const vf wv = load(w), bv = load(b);
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i) {
     const Row n = normalize(x + i * D, r ? r + i * D : nullptr, eps);
     store(out + i * D, n.xhat * wv + bv);
@@ -61,11 +67,12 @@ void titans_layer_norm_backward(const float* x, const float* r, const float* w, 
 
 // out (M, D) = normalize(x W^T + b), then silu if asked (W (D, D) as nn.Linear keeps it).
 void titans_query_forward(const float* x, const float* w, const float* b, int64_t M,
-                          int then_silu, float* out) {
+                          int then_silu, float* out, int threads) {
   float wt[D * D];  // W^T: row k holds the weights of input k
   for (int o = 0; o < D; ++o)
     for (int k = 0; k < D; ++k) wt[k * D + o] = w[o * D + k];
   const vf bv = load(b);
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i) {
     vf a = bv, odd = vf{};
     for (int k = 0; k < D; k += 2) {
@@ -81,11 +88,12 @@ void titans_query_forward(const float* x, const float* w, const float* b, int64_
 
 // keys (M, D) = normalize(silu(x K^T)), values (M, D) = silu(x V^T), for K, V (D, D).
 void titans_keys_values_forward(const float* x, const float* key_w, const float* value_w,
-                                int64_t M, float* keys, float* values) {
+                                int64_t M, float* keys, float* values, int threads) {
   float kt[D * D], vt[D * D];  // K^T, V^T: row k holds the weights of input k
   for (int o = 0; o < D; ++o)
     for (int k = 0; k < D; ++k)
       kt[k * D + o] = key_w[o * D + k], vt[k * D + o] = value_w[o * D + k];
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i) {
     vf a = vf{}, b = vf{};
     for (int k = 0; k < D; ++k) {
