@@ -226,10 +226,18 @@ int parallel_rows(void (*fn)(const Problem&, int64_t, int64_t, int), const Probl
   return 1;
 }
 
-// dst (cols, rows) = src (rows, cols) transposed.
+// dst (cols, rows) = src (rows, cols) transposed, in 16 x 16 tiles: writing a column of a
+// (2048, 16) matrix element by element touches a new cache line (and page) at every step.
 void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  constexpr int64_t T = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += T) {
+    const int64_t r1 = r0 + T < rows ? r0 + T : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += T) {
+      const int64_t c1 = c0 + T < cols ? c0 + T : cols;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+    }
+  }
 }
 
 }  // namespace
