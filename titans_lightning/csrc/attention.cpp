@@ -65,48 +65,73 @@ inline vu valid_lanes(int64_t L, int64_t t) {
   return (vu)(lane + static_cast<uint32_t>(t * V) < static_cast<uint32_t>(L));
 }
 
-template <int e>
-void forward_block(const Attention& A, int64_t b, float* kt, float* row, float* out) {
+// Query rows i0 .. i0 + NR of one (window, head) block: NR rows at a time, so that their
+// dependent chains (scores, max, exp, sum, product with v) overlap and each key and value
+// vector is loaded once for all of them.
+template <int e, int NR>
+void forward_rows(const Attention& A, int64_t b, int64_t i0, const float* q, const float* v,
+                  const float* kt, float* rows, float* out) {
   constexpr int MAX_BLOCKS = 16;  // L <= 256
-  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V;
-  const int64_t S = 3 * A.d;  // between tokens in qkv
-  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
-  out += A.out(b, e);
+  const int64_t L = A.L, Lp = A.Lp, nv = Lp / V, S = 3 * A.d;
   const vu last = valid_lanes(L, nv - 1);
   const vf minus_inf = splat(-INFINITY);
-  transpose_padded<e>(k, S, L, Lp, kt);
-  for (int64_t i = 0; i < L; ++i) {
-    vf s[MAX_BLOCKS];
-    vf top = minus_inf;
-    for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e), padding at -inf
-      vf acc = vf{};
-      for (int c = 0; c < e; ++c) acc += (q[i * S + c] * A.scale) * load(kt + c * Lp + t * V);
-      s[t] = t == nv - 1 ? (last ? acc : minus_inf) : acc;
-      top = s[t] > top ? s[t] : top;
+  vf s[NR][MAX_BLOCKS], top[NR];
+  for (int r = 0; r < NR; ++r) top[r] = minus_inf;
+  for (int64_t t = 0; t < nv; ++t) {  // scores q_i . k_j / sqrt(e), padding at -inf
+    vf acc[NR] = {};
+    for (int c = 0; c < e; ++c) {
+      const vf kv = load(kt + c * Lp + t * V);
+      for (int r = 0; r < NR; ++r) acc[r] += (q[(i0 + r) * S + c] * A.scale) * kv;
     }
-    const float m = hmax(top);
+    for (int r = 0; r < NR; ++r) {
+      s[r][t] = t == nv - 1 ? (last ? acc[r] : minus_inf) : acc[r];
+      top[r] = s[r][t] > top[r] ? s[r][t] : top[r];
+    }
+  }
+  float inv[NR];
+  for (int r = 0; r < NR; ++r) {
+    const float m = hmax(top[r]);
     vf total = vf{};
     for (int64_t t = 0; t < nv; ++t) {
-      s[t] = exp_(s[t] - m);
-      if (t == nv - 1) s[t] = last ? s[t] : vf{};
-      total += s[t];
+      s[r][t] = exp_(s[r][t] - m);
+      if (t == nv - 1) s[r][t] = last ? s[r][t] : vf{};
+      total += s[r][t];
     }
-    const float inv = 1.0f / hsum(total);
+    inv[r] = 1.0f / hsum(total);
+  }
+  for (int r = 0; r < NR; ++r) {
+    const int64_t i = i0 + r;
     const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
     float* p = A.p ? A.p + (b * L + i) * Lp : nullptr;
     for (int64_t t = 0; t < nv; ++t) {
-      const vf w = s[t] * inv;
+      const vf w = s[r][t] * inv[r];
       if (p) store(p + t * V, w);
-      store(row + t * V, drop(A, w, key, t * V));
+      store(rows + r * Lp + t * V, drop(A, w, key, t * V));
     }
-    using E = Row<e>;
-    typename E::type acc[4] = {};  // four independent sums: one would wait on each addition
-    int64_t j = 0;
-    for (; j + 4 <= L; j += 4)
-      for (int u = 0; u < 4; ++u) acc[u] += row[j + u] * E::load(v + (j + u) * S);
-    for (; j < L; ++j) acc[0] += row[j] * E::load(v + j * S);
-    E::store(out + i * A.d, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
+  using E = Row<e>;
+  typename E::type acc[NR][2] = {};  // two sums per row: one would wait on each addition
+  int64_t j = 0;
+  for (; j + 2 <= L; j += 2)
+    for (int u = 0; u < 2; ++u) {
+      const typename E::type vj = E::load(v + (j + u) * S);
+      for (int r = 0; r < NR; ++r) acc[r][u] += rows[r * Lp + j + u] * vj;
+    }
+  if (j < L)
+    for (int r = 0; r < NR; ++r) acc[r][0] += rows[r * Lp + j] * E::load(v + j * S);
+  for (int r = 0; r < NR; ++r) E::store(out + (i0 + r) * A.d, acc[r][0] + acc[r][1]);
+}
+
+template <int e>
+void forward_block(const Attention& A, int64_t b, float* kt, float* rows, float* out) {
+  constexpr int NR = 4;
+  const int64_t L = A.L, S = 3 * A.d;
+  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
+  out += A.out(b, e);
+  transpose_padded<e>(k, S, L, A.Lp, kt);
+  int64_t i = 0;
+  for (; i + NR <= L; i += NR) forward_rows<e, NR>(A, b, i, q, v, kt, rows, out);
+  for (; i < L; ++i) forward_rows<e, 1>(A, b, i, q, v, kt, rows, out);
 }
 
 template <int e>
@@ -153,9 +178,9 @@ template <int e>
 void forward_all(const Attention& A, float* out, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt(e * A.Lp), row(A.Lp);
+    std::vector<float> kt(e * A.Lp), rows(4 * A.Lp);
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < A.B; ++b) forward_block<e>(A, b, kt.data(), row.data(), out);
+    for (int64_t b = 0; b < A.B; ++b) forward_block<e>(A, b, kt.data(), rows.data(), out);
   }
 }
 
