@@ -138,6 +138,38 @@ def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
 
 
+def test_encoder_layer_without_grad_takes_the_fused_path_and_equals_the_library_layer():
+    torch.manual_seed(0)
+    ref = torch.nn.TransformerEncoderLayer(16, 2, 256, 0.1, activation=F.silu, batch_first=True)
+    mine = enc.EncoderLayer(16, 2, 256, 0.1)
+    with torch.no_grad():  # norms that are not the identity at initialisation
+        for norm in (ref.norm1, ref.norm2):
+            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    mine.load_state_dict(ref.state_dict())
+    ref.eval(), mine.eval()
+    x = torch.randn(6, 20, 16) * 3
+    with torch.no_grad():
+        assert mine._fused_without_grad(x)
+        torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
+        mine.train()  # dropout on: the general path
+        assert not mine._fused_without_grad(x)
+    assert not mine.eval()._fused_without_grad(x)  # with a gradient: the general path
+
+
+def test_fused_residual_norms_equal_their_operators():
+    torch.manual_seed(0)
+    x, r = torch.randn(300, 16), torch.randn(300, 16)
+    project, norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+    w1, b1, w2, b2 = (t.detach() for t in weights(f=64))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+        torch.testing.assert_close(fused.project_add_layer_norm(x, r, project, norm),
+                                   norm(x + project(r)), rtol=1e-5, atol=1e-5)
+        ffn = F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
+        torch.testing.assert_close(fused.feed_forward_add_norm(x, w1, b1, w2, b2, norm),
+                                   norm(x + ffn), rtol=1e-5, atol=1e-5)
+
+
 def test_training_layer_drops_at_rate_p_in_the_feed_forward():
     """The kernel's dropout in a training layer: outputs differ per call, match in expectation."""
     torch.manual_seed(0)

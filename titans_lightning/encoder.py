@@ -10,7 +10,8 @@ load each other's state dicts). On the CPU it differs only in *how*:
 * where the fused kernels of :mod:`titans_lightning.fused` apply (float32, d = 16, a C++
   compiler), the 2048-wide feed-forward, the attention core (scores, softmax, dropout, product
   with v) and, without a gradient, residual + layer norm are one kernel call each, with
-  counter-based dropout draws;
+  counter-based dropout draws; without a gradient or dropout (evaluation) the whole layer is
+  four calls, the norms folded into the output projection and the feed-forward;
 * otherwise the feed-forward runs in row chunks that stay in cache. Either way its (N*L, f)
   activation is recomputed in the backward pass instead of stored;
 * the remaining dropouts draw the positions of the dropped elements directly (geometric gaps
@@ -167,6 +168,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused_without_grad(x):
+            return self._forward_without_grad(x)
         N, L, d = x.shape
         drops = [None] * 3  # dropped positions: attention weights, attention output, feed-forward
         if self.training and 0.0 < self.p < 1.0 and not x.is_cuda:
@@ -177,6 +180,27 @@ class EncoderLayer(nn.Module):
                                        x.device)
         x = self._add_norm(x, self._drop(self._attend(x, drops[0]), drops[1]), self.norm1)
         return self._add_norm(x, self._drop(self.feed_forward(x), drops[2]), self.norm2)
+
+    def _fused_without_grad(self, x: Tensor) -> bool:
+        """No gradient, nothing dropped, and kernels for every step."""
+        return (not torch.is_grad_enabled() and (not self.training or self.p == 0.0)
+                and self._fused_attention(x)
+                and fused.supports_feed_forward(x, self.linear1.out_features)
+                and fused.supports_layer_norm(x, self.norm1)
+                and fused.supports_layer_norm(x, self.norm2))
+
+    def _forward_without_grad(self, x: Tensor) -> Tensor:
+        """The same layer in four calls: the input projection, the attention core, then the
+        output projection with residual and norm 1, the feed-forward with residual and norm 2."""
+        N, L, d = x.shape
+        attn = self.self_attn
+        heads = fused.attention(F.linear(x, attn.in_proj_weight, attn.in_proj_bias), self.nhead,
+                                0.0)  # (N, L, d)
+        x = fused.project_add_layer_norm(x, heads, attn.out_proj, self.norm1)
+        rows = x.reshape(N * L, d)
+        return fused.feed_forward_add_norm(rows, self.linear1.weight, self.linear1.bias,
+                                           self.linear2.weight, self.linear2.bias,
+                                           self.norm2).view(N, L, d)
 
     def _add_norm(self, x: Tensor, r: Tensor, norm: nn.LayerNorm) -> Tensor:
         """``norm(x + r)`` (N, L, d): the residual connection and the post-norm. The kernel

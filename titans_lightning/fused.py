@@ -76,6 +76,13 @@ def feed_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: f
     return _FusedFeedForward.apply(x, w1, b1, w2, b2, p, seed)
 
 
+def feed_forward_add_norm(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                          norm: torch.nn.LayerNorm) -> Tensor:
+    """``norm(x + linear2(silu(linear1(x))))`` for rows x (M, d): the encoder layer's
+    feed-forward, residual connection and post-norm in one pass, without dropout or autograd."""
+    return _feed_forward(x, w1, b1, w2, b2, 0.0, 0, keep_bits=False, norm=norm)[0]
+
+
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -86,9 +93,14 @@ def _plain(t: Tensor) -> Tensor:
     return (t.detach() if t.requires_grad else t).contiguous()
 
 
-def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool):
-    """The kernel's forward pass -> (out (M, d), the inputs made contiguous, the keep bits)."""
+def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool,
+                  norm: torch.nn.LayerNorm | None = None):
+    """The kernel's forward pass -> (out (M, d), the inputs made contiguous, the keep bits);
+    with ``norm``, out is ``norm(x + out)``."""
     x, w1, b1, w2, b2 = map(_plain, (x, w1, b1, w2, b2))
+    norm_w = norm_b = None
+    if norm is not None:
+        norm_w, norm_b = _plain(norm.weight), _plain(norm.bias)
     M, f = x.shape[0], w1.shape[0]
     out = x.new_empty(M, ROW_WIDTH)
     # the keep decisions, 16 per int16, for the backward pass (cheaper than drawing again)
@@ -96,7 +108,8 @@ def _feed_forward(x, w1, b1, w2, b2, p: float, seed: int, keep_bits: bool):
     failed = library().titans_ffn_forward(
         x.data_ptr(), M, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(), f, seed,
         _threshold(p), _scale(p), bits.data_ptr() if bits.numel() else None, out.data_ptr(),
-        torch.get_num_threads())
+        torch.get_num_threads(), norm_w.data_ptr() if norm is not None else None,
+        norm_b.data_ptr() if norm is not None else None, norm.eps if norm is not None else 0.0)
     _check(failed)
     return out, (x, w1, b1, w2), bits
 
@@ -269,13 +282,25 @@ def add_layer_norm(x: Tensor, r: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
     return _AddLayerNorm.apply(x, r, norm.weight, norm.bias, norm.eps)
 
 
-def _add_layer_norm(x, r, w, b, eps: float):
+def project_add_layer_norm(x: Tensor, r: Tensor, project: torch.nn.Linear,
+                           norm: torch.nn.LayerNorm) -> Tensor:
+    """``norm(x + project(r))`` for rows of width 16 (a 16 x 16 ``project`` with a bias): the
+    attention's output projection, residual connection and post-norm in one pass; no autograd."""
+    return _add_layer_norm(x, r, norm.weight, norm.bias, norm.eps, project)[0]
+
+
+def _add_layer_norm(x, r, w, b, eps: float, project: torch.nn.Linear | None = None):
     """The kernel's forward pass -> (out, the inputs its backward pass needs)."""
     x, r, w, b = _plain(x), _plain(r), _plain(w), _plain(b)
+    pw = pb = None
+    if project is not None:
+        pw, pb = _plain(project.weight), _plain(project.bias)
     out = torch.empty_like(x)
     library().titans_layer_norm_forward(x.data_ptr(), r.data_ptr(), w.data_ptr(), b.data_ptr(),
                                         x.numel() // ROW_WIDTH, eps, out.data_ptr(),
-                                        torch.get_num_threads())
+                                        torch.get_num_threads(),
+                                        pw.data_ptr() if project is not None else None,
+                                        pb.data_ptr() if project is not None else None)
     return out, (x, r, w)
 
 
@@ -372,7 +397,7 @@ def library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, ctypes.c_float,
-                                       _P, _P, ctypes.c_int]
+                                       _P, _P, ctypes.c_int, _P, _P, ctypes.c_float]
     lib.titans_ffn_forward.restype = ctypes.c_int
     lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _U64, _U32, _P,
                                         ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
@@ -387,7 +412,7 @@ def library() -> ctypes.CDLL | None:
     lib.titans_attention_backward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _U64, _U32,
                                               ctypes.c_float, _P, ctypes.c_int]
     lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P,
-                                              ctypes.c_int]
+                                              ctypes.c_int, _P, _P]
     lib.titans_layer_norm_forward.restype = None
     lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]
     lib.titans_layer_norm_backward.restype = None

@@ -35,6 +35,8 @@ struct Problem {
   uint16_t* bits;                        // (M, f / V) keep bits the forward pass leaves for
                                          // the backward pass (null: draw them again)
   float scale;                           // 1 / (1 - p)
+  const float *norm_w, *norm_b;          // (D) each: out = LayerNorm(x + out) after the sum
+  float eps;                             //   (null: no layer norm)
 };
 
 // A lane mask (all ones = kept) as 16 bits, and back.
@@ -189,6 +191,11 @@ void forward_rows(const Problem& P, int64_t r0, int64_t r1, int /*tid*/) {
     const int64_t j1 = j0 + JB < P.f ? j0 + JB : P.f;
     over_blocks<Forward>(r0, r1, &P, j0, j1);
   }
+  if (P.norm_w) {  // the encoder layer's residual connection and post-norm
+    const vf w = load(P.norm_w), b = load(P.norm_b);
+    for (int64_t r = r0; r < r1; ++r)
+      store(P.out + r * D, layer_norm(load(P.x + r * D) + load(P.out + r * D), w, b, P.eps));
+  }
 }
 
 void backward_rows(const Problem& P, int64_t r0, int64_t r1, int tid) {
@@ -259,10 +266,12 @@ void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f
 
 // out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T, with w1 (f, D) and w2 (D, f) as
 // nn.Linear keeps them. With dropout and `bits` given, the keep decisions are left there for
-// the backward pass. Returns 0, or 1 if out of memory.
+// the backward pass. With norm_w and norm_b given, out = LayerNorm(x + that) instead (forward
+// only). Returns 0, or 1 if out of memory.
 int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* b1,
                        const float* w2, const float* b2, int64_t f, uint64_t seed,
-                       uint32_t threshold, float scale, uint16_t* bits, float* out, int threads) {
+                       uint32_t threshold, float scale, uint16_t* bits, float* out, int threads,
+                       const float* norm_w, const float* norm_b, float eps) {
   float* w1t = static_cast<float*>(std::malloc(sizeof(float) * 2 * D * f));
   if (!w1t) return 1;
   float* w2t = w1t + D * f;
@@ -272,6 +281,7 @@ int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* 
   P.bits = bits;
   P.x = x; P.w1t = w1t; P.b1 = b1; P.w2t = w2t; P.b2 = b2; P.out = out;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
+  P.norm_w = norm_w; P.norm_b = norm_b; P.eps = eps;
   parallel_rows(forward_rows, P, threads);
   std::free(w1t);
   return 0;

@@ -37,14 +37,31 @@ inline Row normalize(const float* x, const float* r, float eps) {
 
 extern "C" {
 
-// out (M, D) = LayerNorm(x + r) with weight w and bias b (r may be null: LayerNorm(x)).
+// out (M, D) = LayerNorm(x + r) with weight w and bias b (r may be null: LayerNorm(x)); with
+// proj_w (D, D) and proj_b (D) given, r is first projected: LayerNorm(x + r proj_w^T + proj_b)
+// (the encoder layer's attention output projection and post-norm, in one pass).
 void titans_layer_norm_forward(const float* x, const float* r, const float* w, const float* b,
-                               int64_t M, float eps, float* out, int threads) {
+                               int64_t M, float eps, float* out, int threads,
+                               const float* proj_w, const float* proj_b) {
   const vf wv = load(w), bv = load(b);
+  float pt[D * D];  // proj_w^T: row k holds the weights of input k
+  if (proj_w)
+    for (int o = 0; o < D; ++o)
+      for (int k = 0; k < D; ++k) pt[k * D + o] = proj_w[o * D + k];
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i) {
-    const Row n = normalize(x + i * D, r ? r + i * D : nullptr, eps);
-    store(out + i * D, n.xhat * wv + bv);
+    vf s = load(x + i * D);
+    if (proj_w) {
+      vf a = load(proj_b), odd = vf{};
+      for (int k = 0; k < D; k += 2) {
+        a += r[i * D + k] * load(pt + k * D);
+        odd += r[i * D + k + 1] * load(pt + (k + 1) * D);
+      }
+      s += a + odd;
+    } else if (r) {
+      s += load(r + i * D);
+    }
+    store(out + i * D, layer_norm(s, wv, bv, eps));
   }
 }
 

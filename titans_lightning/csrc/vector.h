@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -92,6 +93,14 @@ inline float hsum(vf v) {
   for (int l = 0; l < V; ++l) s += v[l];
   return s;
 #endif
+}
+
+// LayerNorm of one row s of V = 16 features: (s - mean) / sqrt(var + eps) * w + b.
+inline vf layer_norm(vf s, vf w, vf b, float eps) {
+  const float mean = hsum(s) * (1.0f / V);
+  const vf c = s - mean;
+  const float rstd = 1.0f / std::sqrt(hsum(c * c) * (1.0f / V) + eps);
+  return c * rstd * w + b;
 }
 
 // sigmoid(a) = 1 / (1 + exp(-a)); a NaN comes out finite, a * sigmoid(a) is NaN.
