@@ -424,6 +424,22 @@ def test_query_kernel_equals_linear_normalize_silu(then_silu):
     assert not fused.supports_query(x, linear)  # with a gradient: the library's operators
 
 
+@pytest.mark.parametrize("hidden", [16, 32, 64])
+@pytest.mark.parametrize("then_silu", [False, True])
+def test_query_and_memory_in_one_call_equal_the_two_steps(hidden, then_silu):
+    from titans_lightning.model import MACLayer
+    from titans_lightning.memory import NeuralMemory
+    torch.manual_seed(hidden)
+    layer = MACLayer(16, 4, 2, NeuralMemory(16, hidden), dim_feedforward=32)
+    layer.memory.fast_weights = torch.randn(2, layer.memory.fast_weights.shape[1]) * 0.3
+    x = torch.randn(2, 613, 16)  # two slots; rows not a multiple of the kernel's blocks
+    with torch.no_grad():
+        assert fused.supports_query_memory(x, layer.query, layer.memory.fast_weights, hidden)
+        want = layer.memory.retrieve(layer.ask(x, then_silu))
+        torch.testing.assert_close(layer.recall(x, then_silu), want, rtol=1e-5, atol=1e-6)
+    assert not fused.supports_query_memory(x, layer.query, layer.memory.fast_weights, hidden)
+
+
 def test_keys_values_kernel_equals_the_reference_formulas(monkeypatch):
     from titans_lightning.memory import NeuralMemory
     from titans_lightning.strategies import titans_default

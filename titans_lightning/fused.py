@@ -341,6 +341,25 @@ def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
     return out
 
 
+def supports_query_memory(x: Tensor, linear: torch.nn.Linear, flat: Tensor, hidden: int) -> bool:
+    """Whether one kernel call can give the two-layer memory's answer to the MAC query of rows
+    x (S, R, 16), without a gradient."""
+    return supports_query(x, linear) and supports_memory(x, flat, hidden)
+
+
+def query_memory(x: Tensor, linear: torch.nn.Linear, then_silu: bool, flat: Tensor,
+                 hidden: int) -> Tensor:
+    """``M(query(x, linear, then_silu))`` for rows x (S, R, 16) and the two-layer memory's flat
+    weights (S, n): the query never leaves the registers; no autograd."""
+    x, flat = _plain(x), _plain(flat)
+    S, R, d = x.shape
+    out = torch.empty_like(x)
+    library().titans_mlp_query_forward(x.data_ptr(), linear.weight.data_ptr(),
+                                       linear.bias.data_ptr(), int(then_silu), flat.data_ptr(),
+                                       S, R, d, hidden, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 def supports_keys_values(x: Tensor, *projections: Tensor) -> bool:
     """Whether the kernel can compute the reference keys and values of rows x (..., 16) with
     (16, 16) projections, none of them needing a gradient."""
@@ -429,6 +448,9 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_recall.restype = ctypes.c_int
     lib.titans_memory_commit.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P]
     lib.titans_memory_commit.restype = None
+    lib.titans_mlp_query_forward.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I64, _I64, _I64,
+                                             _P, ctypes.c_int]
+    lib.titans_mlp_query_forward.restype = ctypes.c_int
     return lib
 
 

@@ -44,8 +44,16 @@ class MACLayer(nn.Module):
         N, C, d = x.shape  # (N, C, d)
         y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
         self.memory.update(y)
-        z = self.memory.retrieve(self.ask(y, then_silu=False))  # (S, N*C/S, d), with M'
+        z = self.recall(y, then_silu=False)  # (S, N*C/S, d), with M'
         return (y * torch.sigmoid(z)).reshape(N, C, d)
+
+    def recall(self, x: Tensor, then_silu: bool) -> Tensor:
+        """The memory's answer ``M(ask(x))`` to the queries of rows x (S, R, d)."""
+        memory = self.memory
+        flat, hidden = memory.fast_weights, memory.hidden
+        if memory.num_layers == 2 and fused.supports_query_memory(x, self.query, flat, hidden):
+            return fused.query_memory(x, self.query, then_silu, flat, hidden)  # one kernel call
+        return memory.retrieve(self.ask(x, then_silu))
 
     def ask(self, x: Tensor, then_silu: bool) -> Tensor:
         """The memory query ``normalize(Q x)`` (then silu, step 1) of rows x (..., d)."""
@@ -57,8 +65,7 @@ class MACLayer(nn.Module):
     def attend(self, x: Tensor) -> Tensor:
         """Steps 1-4: retrieve with the current memory, attend, project -> y (N, C*d)."""
         N, C, d = x.shape
-        q = self.ask(x, then_silu=True)  # (N, C, d)
-        h = self.memory.retrieve(q.reshape(self.memory.n_slots, -1, d)).reshape(N, C, d)
+        h = self.recall(x.reshape(self.memory.n_slots, -1, d), then_silu=True).reshape(N, C, d)
         ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
         return self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
 
@@ -74,7 +81,7 @@ class CausalMACLayer(MACLayer):
     def forward(self, x: Tensor) -> Tensor:
         N, C, d = x.shape  # (N, C, d)
         y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
-        z = self.memory.retrieve(self.ask(y, then_silu=False))  # with M, before storing
+        z = self.recall(y, then_silu=False)  # with M, before storing
         self.memory.update(y)
         return (y * torch.sigmoid(z)).reshape(N, C, d)
 

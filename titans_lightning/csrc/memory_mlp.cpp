@@ -186,6 +186,32 @@ void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, floa
   }
 }
 
+// out (S, R, d) = M(query(x)) for rows x (S, R, 16), the MAC query (see query_row) with
+// wt = W^T (16, 16) and bias b: the query goes from registers to the memory, FB rows at a time.
+template <int dv, int hv>
+void query_forward_slots(const float* x, const float* wt, const float* b, bool then_silu,
+                         const float* flat, int64_t S, int64_t R, float* out, int threads) {
+  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
+  static_assert(dv == 1, "the MAC query is 16 wide");
+  const vf bv = load(b);
+  for (int64_t i = 0; i < S; ++i) {
+    const Slot w(flat + i * n, d, h);
+#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 512)
+    for (int64_t r0 = 0; r0 < R; r0 += FB) {
+      alignas(64) float q[FB * d];
+      const int64_t rows = R - r0 < FB ? R - r0 : FB, row = i * R + r0;
+      for (int64_t r = 0; r < rows; ++r)
+        store(q + r * d, query_row(x + (row + r) * d, wt, bv, then_silu));
+      if (rows == FB) {
+        forward_rows<dv, hv, FB>(w, q, out + row * d, nullptr, nullptr);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          forward_rows<dv, hv, 1>(w, q + r * d, out + (row + r) * d, nullptr, nullptr);
+      }
+    }
+  }
+}
+
 template <int dv, int hv>
 void backward_slots(const float* q, const float* flat, const float* a, const float* s,
                     const float* g, int64_t S, int64_t R, float* gq, float* gflat) {
@@ -303,6 +329,25 @@ int titans_mlp_recall(const float* q, const float* values, const float* flat, in
   if (!titans_mlp_supported(d, h)) return 0;
   TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
                   threads < 1 ? 1 : threads)
+}
+
+// out (S, R, d) = M(normalize(x W^T + b)) (silu before M if then_silu) for rows x (S, R, 16):
+// the MAC layer's query and retrieval in one pass, W (16, 16) as nn.Linear keeps it. Returns 0
+// for an unsupported width (d must be 16).
+int titans_mlp_query_forward(const float* x, const float* w, const float* b, int then_silu,
+                             const float* flat, int64_t S, int64_t R, int64_t d, int64_t h,
+                             float* out, int threads) {
+  if (d != V || !titans_mlp_supported(d, h)) return 0;
+  float wt[V * V];  // W^T: row k holds the weights of input k
+  for (int o = 0; o < V; ++o)
+    for (int k = 0; k < V; ++k) wt[k * V + o] = w[o * V + k];
+  const int T = threads < 1 ? 1 : threads;
+  switch (h / V) {
+    case 1: query_forward_slots<1, 1>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
+    case 2: query_forward_slots<1, 2>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
+    case 4: query_forward_slots<1, 4>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
+    default: return 0;
+  }
 }
 
 // The harness's check of one update: ok[i] = 1 when slot i's surprise (one value), gradient and

@@ -90,17 +90,7 @@ void titans_query_forward(const float* x, const float* w, const float* b, int64_
     for (int k = 0; k < D; ++k) wt[k * D + o] = w[o * D + k];
   const vf bv = load(b);
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
-  for (int64_t i = 0; i < M; ++i) {
-    vf a = bv, odd = vf{};
-    for (int k = 0; k < D; k += 2) {
-      a += x[i * D + k] * load(wt + k * D);
-      odd += x[i * D + k + 1] * load(wt + (k + 1) * D);
-    }
-    a += odd;
-    const float norm = std::sqrt(hsum(a * a));
-    a = a * (1.0f / (norm > 1e-12f ? norm : 1e-12f));  // F.normalize's eps
-    store(out + i * D, then_silu ? a * sigmoid(a) : a);
-  }
+  for (int64_t i = 0; i < M; ++i) store(out + i * D, query_row(x + i * D, wt, bv, then_silu));
 }
 
 // keys (M, D) = normalize(silu(x K^T)), values (M, D) = silu(x V^T), for K, V (D, D).

@@ -127,6 +127,20 @@ inline vf sigmoid(vf v) {
 inline vf sigmoid(vf a) { return reciprocal(1.0f + exp_(-a)); }
 #endif
 
+// The MAC query of one 16-wide row x: normalize(x W^T + b), then silu if asked, with wt = W^T
+// (row k holds the weights of input k) and F.normalize's eps.
+inline vf query_row(const float* x, const float* wt, vf b, bool then_silu) {
+  vf a = b, odd = vf{};
+  for (int k = 0; k < V; k += 2) {
+    a += x[k] * load(wt + k * V);
+    odd += x[k + 1] * load(wt + (k + 1) * V);
+  }
+  a += odd;
+  const float norm = std::sqrt(hsum(a * a));
+  a = a * (1.0f / (norm > 1e-12f ? norm : 1e-12f));
+  return then_silu ? a * sigmoid(a) : a;
+}
+
 // Counter-based dropout draws: a 64-bit mix of (seed, row) keys each row; the lowbias32 integer
 // hash of key ^ (j * golden) gives 32 uniform bits for each column j of the row.
 inline uint32_t row_key(uint64_t seed, int64_t r) {
