@@ -45,11 +45,14 @@ class StrategyState(Mapping[str, Tensor]):
         self._holder = holder
 
     def __getitem__(self, name: str) -> Tensor:
-        try:
-            return getattr(self._holder, name)
-        except AttributeError:
+        holder = self._holder  # its dicts directly: nn.Module.__getattr__ costs more
+        value = holder._buffers.get(name)
+        if value is None:
+            value = holder._parameters.get(name)
+        if value is None:
             raise KeyError(f"no strategy state named {name!r}; create it in init_memory_state "
-                           f"with memory.register_state({name!r}, tensor)") from None
+                           f"with memory.register_state({name!r}, tensor)")
+        return value
 
     def __setitem__(self, name: str, value: Tensor) -> None:
         if name not in self:
@@ -105,8 +108,7 @@ class NeuralMemory(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
         self._warned_skips = 0
-        self._gate: Tensor | None = None
-        self._recalled: tuple[Tensor, Tensor] | None = None  # recall_error's (surprise, gradient)
+        self._now = _UpdateScratch()  # what the update in progress has been told
         self.history: list[dict[str, Tensor]] = []
         self.strategy.init_memory_state(self, dim)
         self.initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
@@ -190,7 +192,7 @@ class NeuralMemory(nn.Module):
             # the update uses it directly when this surprise is the strategy's (no backward pass)
             gradient: list[Tensor] = []
             surprise = _Recall.apply(flat, keys, values, self.hidden, gradient)
-            self._recalled = (surprise, gradient[0])
+            self._now.recalled = (surprise, gradient[0])
             return surprise
         return (self.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
 
@@ -217,7 +219,7 @@ class NeuralMemory(nn.Module):
 
     def report_gate(self, rate: Tensor | float) -> None:
         """Called by a gated ``apply_update``: fraction of the update applied, per slot or one."""
-        self._gate = torch.as_tensor(rate, dtype=torch.float32, device=self.num_updates.device)
+        self._now.gate = torch.as_tensor(rate, dtype=torch.float32, device=self.num_updates.device)
 
     # -- the update -----------------------------------------------------------------------------
     def update(self, x: Tensor) -> Tensor:
@@ -231,7 +233,7 @@ class NeuralMemory(nn.Module):
         surprise, grads = self._surprise_and_grads(x.detach(), old)
         if self.reduce is not None:
             surprise, grads = self.reduce(surprise, grads, x.shape[1])
-        self._gate = None
+        self._now.gate = None
         new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok, self._buffers["fast_weights"] = self._checked(surprise, grads, new, old)
         self._commit_state(old_state, ok)
@@ -258,16 +260,17 @@ class NeuralMemory(nn.Module):
             leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
             self._buffers["fast_weights"] = leaf  # the strategy's surprise reads the leaf
             try:
-                self._recalled = None
+                self._now.recalled = None
                 surprise = self.strategy.compute_surprise(self, keys, values)
-                if self._recalled is not None and self._recalled[0] is surprise:
-                    grads = self._recalled[1]  # recall_error computed it with the surprise
+                recalled = self._now.recalled
+                if recalled is not None and recalled[0] is surprise:
+                    grads = recalled[1]  # recall_error computed it with the surprise
                 else:
                     (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
                                                    create_graph=keep_graph)
             finally:
                 self._buffers["fast_weights"] = old
-                self._recalled = None
+                self._now.recalled = None
         grads = torch.zeros_like(old) if grads is None else grads
         return (surprise, grads) if keep_graph else (surprise.detach(), grads)
 
@@ -282,7 +285,7 @@ class NeuralMemory(nn.Module):
     def _record(self, surprise: Tensor, grads: Tensor, old: Tensor, ok: Tensor) -> None:
         """Keep what the update's statistics need; they are computed, for all the updates of a
         forward at once, only when someone asks (:meth:`pop_history`)."""
-        gate = None if self._gate is None else _detached(self._gate)  # None: all of the step
+        gate = None if self._now.gate is None else _detached(self._now.gate)  # None: all of it
         self.history.append({"surprise": _detached(surprise), "grads": _detached(grads),
                              "old": _detached(old), "new": _detached(self.fast_weights),
                              "ok": ok, "gate": gate})
@@ -484,6 +487,17 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     if x.shape[0] == 1:  # one shared slot: a plain matrix product is cheaper
         return torch.addmm(b[0], x[0], w[0].T).unsqueeze(0)
     return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+class _UpdateScratch:
+    """What the strategy reports during one update (its gate, recall_error's gradient): plain
+    attributes, which ``nn.Module.__setattr__`` would make several times dearer to set."""
+
+    __slots__ = ("gate", "recalled")
+
+    def __init__(self):
+        self.gate: Tensor | None = None
+        self.recalled: tuple[Tensor, Tensor] | None = None  # (surprise, its weight gradient)
 
 
 class _FlatViews(dict):
