@@ -170,6 +170,23 @@ def test_fused_residual_norms_equal_their_operators():
                                    norm(x + ffn), rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_kernel_applies_the_reported_mask_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 16, requires_grad=True)
+    torch.manual_seed(5)
+    out = fused.dropout(x, 0.25)
+    torch.manual_seed(5)
+    seed = fused._dropout_seed(0.25)  # the seed the call above drew
+    keep = fused.keep_mask(seed, 0.25, 4000, 16)
+    torch.testing.assert_close(out, x.detach() * keep / 0.75)
+    g = torch.randn_like(x)
+    (gx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx, g * keep / 0.75)
+    rate = 1.0 - keep.float().mean().item()
+    assert abs(rate - 0.25) < 5 * math.sqrt(0.25 * 0.75 / keep.numel())
+    assert not fused.supports_dropout(torch.randn(3, 5))  # not rows of 16
+
+
 def test_training_layer_drops_at_rate_p_in_the_feed_forward():
     """The kernel's dropout in a training layer: outputs differ per call, match in expectation."""
     torch.manual_seed(0)

@@ -173,11 +173,11 @@ class EncoderLayer(nn.Module):
         N, L, d = x.shape
         drops = [None] * 3  # dropped positions: attention weights, attention output, feed-forward
         if self.training and 0.0 < self.p < 1.0 and not x.is_cuda:
-            if self._fused_attention(x):  # the kernel draws the weights' dropout itself
-                drops[1:] = _draw_together([N * L * d, N * L * d], self.p, x.device)
-            else:
+            if not self._fused_attention(x):
                 drops = _draw_together([N * self.nhead * L * L, N * L * d, N * L * d], self.p,
                                        x.device)
+            elif not fused.supports_dropout(x):  # the kernel draws the weights' dropout itself
+                drops[1:] = _draw_together([N * L * d, N * L * d], self.p, x.device)
         x = self._add_norm(x, self._drop(self._attend(x, drops[0]), drops[1]), self.norm1)
         return self._add_norm(x, self._drop(self.feed_forward(x), drops[2]), self.norm2)
 
@@ -231,8 +231,12 @@ class EncoderLayer(nn.Module):
         return attn.out_proj(out)
 
     def _drop(self, x: Tensor, positions: Tensor | None) -> Tensor:
-        """Dropout at positions drawn in advance, or (positions None) drawn now."""
+        """Dropout at positions drawn in advance, or (positions None) drawn now: by the kernel
+        where it applies, which draws from a counter-based hash instead of a random stream."""
         if positions is None:
+            if (self.fused and self.training and 0.0 < self.p < 1.0
+                    and fused.supports_dropout(x)):
+                return fused.dropout(x, self.p)
             return dropout(x, self.p, self.training)
         return _Dropout.apply(x, positions, 1.0 / (1.0 - self.p))
 

@@ -380,6 +380,41 @@ def keys_values(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> tuple[Tensor
     return keys, values
 
 
+def supports_dropout(x: Tensor) -> bool:
+    """Whether the kernel can apply dropout to x (a float32 CPU tensor of 16k elements)."""
+    return _kernel_can_take(x) and x.numel() % ROW_WIDTH == 0
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Inverted dropout (training), with the kernels' counter-based draws: x seen as rows of 16,
+    row r keeps element j as ``keep_mask(seed, p, rows, 16)`` says; differentiable (the
+    backward pass draws the same decisions again from the seed)."""
+    seed = _dropout_seed(p)
+    if not _needs_grad(x):
+        return _dropout(x, p, seed)
+    return _FusedDropout.apply(x, p, seed)
+
+
+def _dropout(x: Tensor, p: float, seed: int) -> Tensor:
+    x = _plain(x)
+    out = torch.empty_like(x)
+    library().titans_dropout_apply(x.data_ptr(), x.numel() // ROW_WIDTH, seed, _threshold(p),
+                                   _scale(p), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+class _FusedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float, seed: int):
+        ctx.p, ctx.seed = p, seed
+        return _dropout(x, p, seed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return _dropout(g, ctx.p, ctx.seed), None, None
+
+
 def keep_mask(seed: int, p: float, rows: int, f: int) -> Tensor:
     """The kernel's dropout decisions for a given seed, (rows, f) booleans (True = kept)."""
     keep = torch.empty(rows, f, dtype=torch.uint8)
@@ -423,6 +458,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_ffn_backward.restype = ctypes.c_int
     lib.titans_dropout_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
     lib.titans_dropout_keep.restype = None
+    lib.titans_dropout_apply.argtypes = [_P, _I64, _U64, _U32, ctypes.c_float, _P, ctypes.c_int]
+    lib.titans_dropout_apply.restype = None
     lib.titans_attention_supported.argtypes = [_I64, _I64]
     lib.titans_attention_padded.argtypes = [_I64]
     lib.titans_attention_padded.restype = _I64

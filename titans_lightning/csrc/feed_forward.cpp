@@ -264,6 +264,18 @@ void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f
   }
 }
 
+// out (M, V) = dropout(x) for rows x (M, V): row r keeps lane j unless hash(seed, r, j) <
+// threshold (the draws of titans_dropout_keep with f = V), and scales what it keeps. The same
+// call with the same seed is the backward pass, applied to the gradient.
+void titans_dropout_apply(const float* x, int64_t M, uint64_t seed, uint32_t threshold,
+                          float scale, float* out, int threads) {
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= 4096)
+  for (int64_t r = 0; r < M; ++r) {
+    const vu keep = keep_lanes(row_key(seed, r), 0, threshold);
+    store(out + r * V, keep ? load(x + r * V) * scale : vf{});
+  }
+}
+
 // out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T, with w1 (f, D) and w2 (D, f) as
 // nn.Linear keeps them. With dropout and `bits` given, the keep decisions are left there for
 // the backward pass. With norm_w and norm_b given, out = LayerNorm(x + that) instead (forward
