@@ -402,13 +402,14 @@ def test_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     assert calls == [0.1, 0.0]  # evaluation: no dropout
 
 
-def test_add_layer_norm_equals_the_library_layer_norm():
+@pytest.mark.parametrize("windows", [7, 64])  # 252 rows on one thread, 2304 split over threads
+def test_add_layer_norm_equals_the_library_layer_norm(windows):
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(16)
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = torch.randn(7, 36, 16, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(7, 36, 16, dtype=torch.float64, requires_grad=True) * 3
+    x = torch.randn(windows, 36, 16, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(windows, 36, 16, dtype=torch.float64, requires_grad=True) * 3
     assert fused.supports_layer_norm(x.float(), norm)
     xf, rf = x.detach().float().requires_grad_(True), r.detach().float().requires_grad_(True)
     out = fused.add_layer_norm(xf, rf, norm)
@@ -488,7 +489,14 @@ def test_portable_vector_code_computes_the_same(monkeypatch, tmp_path):
         test_forward_and_backward_equal_the_explicit_mask(13, 0.1)
         test_attention_equals_softmax_with_the_explicit_mask(3, 5, 4, 0.1)
         test_memory_kernel_equals_the_library_products(3, 7, 16, 32)
-        test_add_layer_norm_equals_the_library_layer_norm()
+        test_add_layer_norm_equals_the_library_layer_norm(64)
         test_query_kernel_equals_linear_normalize_silu(True)
+        test_silu_is_accurate_to_a_few_ulp_over_the_float_range()
+        test_recall_kernel_gives_the_surprise_and_its_gradient(3, 7, 16, 64)
+        test_query_and_memory_in_one_call_equal_the_two_steps(32, True)
+        test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots()
+        test_dropout_kernel_applies_the_reported_mask_forward_and_backward()
+        test_fused_residual_norms_equal_their_operators()
+        test_keys_values_kernel_equals_the_reference_formulas(monkeypatch)  # last: it undoes
     finally:
         fused.library.cache_clear()

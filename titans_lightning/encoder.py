@@ -9,7 +9,7 @@ load each other's state dicts). On the CPU it differs only in *how*:
 
 * where the fused kernels of :mod:`titans_lightning.fused` apply (float32, d = 16, a C++
   compiler), the 2048-wide feed-forward, the attention core (scores, softmax, dropout, product
-  with v) and, without a gradient, residual + layer norm are one kernel call each, with
+  with v), the residual dropouts and residual + layer norm are one kernel call each, with
   counter-based dropout draws; without a gradient or dropout (evaluation) the whole layer is
   four calls, the norms folded into the output projection and the feed-forward;
 * otherwise the feed-forward runs in row chunks that stay in cache. Either way its (N*L, f)
@@ -203,9 +203,8 @@ class EncoderLayer(nn.Module):
                                            self.norm2).view(N, L, d)
 
     def _add_norm(self, x: Tensor, r: Tensor, norm: nn.LayerNorm) -> Tensor:
-        """``norm(x + r)`` (N, L, d): the residual connection and the post-norm. The kernel
-        serves passes without a gradient; with one, the library's parallel backward is faster."""
-        if self.fused and not torch.is_grad_enabled() and fused.supports_layer_norm(x, norm):
+        """``norm(x + r)`` (N, L, d): the residual connection and the post-norm."""
+        if self.fused and fused.supports_layer_norm(x, norm):
             return fused.add_layer_norm(x, r, norm)
         return norm(x + r)
 

@@ -320,7 +320,8 @@ class _AddLayerNorm(torch.autograd.Function):
         gx, gw, gb = torch.empty_like(x), torch.empty_like(w), torch.empty_like(w)
         library().titans_layer_norm_backward(x.data_ptr(), r.data_ptr(), w.data_ptr(),
                                              g.data_ptr(), x.numel() // ROW_WIDTH, ctx.eps,
-                                             gx.data_ptr(), gw.data_ptr(), gb.data_ptr())
+                                             gx.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                             torch.get_num_threads())
         return gx, gx, gw, gb, None
 
 
@@ -470,7 +471,8 @@ def library() -> ctypes.CDLL | None:
     lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P,
                                               ctypes.c_int, _P, _P]
     lib.titans_layer_norm_forward.restype = None
-    lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P]
+    lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P,
+                                               ctypes.c_int]
     lib.titans_layer_norm_backward.restype = None
     lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int]
     lib.titans_query_forward.restype = None

@@ -66,20 +66,41 @@ void titans_layer_norm_forward(const float* x, const float* r, const float* w, c
 }
 
 // From g = d loss / d out: gx (M, D), which is also the gradient of r, and gw, gb (D).
+// Rows split over up to `threads` threads from SPLIT rows on; their partial sums of gw and gb
+// are added in thread order, so the result does not depend on which thread finished first.
 void titans_layer_norm_backward(const float* x, const float* r, const float* w, const float* g,
-                                int64_t M, float eps, float* gx, float* gw, float* gb) {
+                                int64_t M, float eps, float* gx, float* gw, float* gb,
+                                int threads) {
+  constexpr int MAX_THREADS = 64;
+  const int T = M >= SPLIT ? (threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads))
+                           : 1;
   const vf wv = load(w);
-  vf gw_acc = vf{}, gb_acc = vf{};
-  for (int64_t i = 0; i < M; ++i) {
-    const Row n = normalize(x + i * D, r ? r + i * D : nullptr, eps);
-    const vf gi = load(g + i * D), gxhat = gi * wv;
-    gw_acc += gi * n.xhat;
-    gb_acc += gi;
-    const float m1 = hsum(gxhat) * (1.0f / D), m2 = hsum(gxhat * n.xhat) * (1.0f / D);
-    store(gx + i * D, (gxhat - m1 - n.xhat * m2) * n.rstd);
+  vf gw_part[MAX_THREADS], gb_part[MAX_THREADS];
+  for (int t = 0; t < T; ++t) gw_part[t] = gb_part[t] = vf{};
+#pragma omp parallel num_threads(T) if (T > 1)
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num();
+#else
+    const int t = 0;
+#endif
+    vf gw_acc = vf{}, gb_acc = vf{};
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      const Row n = normalize(x + i * D, r ? r + i * D : nullptr, eps);
+      const vf gi = load(g + i * D), gxhat = gi * wv;
+      gw_acc += gi * n.xhat;
+      gb_acc += gi;
+      const float m1 = hsum(gxhat) * (1.0f / D), m2 = hsum(gxhat * n.xhat) * (1.0f / D);
+      store(gx + i * D, (gxhat - m1 - n.xhat * m2) * n.rstd);
+    }
+    gw_part[t] = gw_acc;
+    gb_part[t] = gb_acc;
   }
-  store(gw, gw_acc);
-  store(gb, gb_acc);
+  vf gw_sum = vf{}, gb_sum = vf{};
+  for (int t = 0; t < T; ++t) gw_sum += gw_part[t], gb_sum += gb_part[t];
+  store(gw, gw_sum);
+  store(gb, gb_sum);
 }
 
 // out (M, D) = normalize(x W^T + b), then silu if asked (W (D, D) as nn.Linear keeps it).
