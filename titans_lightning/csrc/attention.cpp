@@ -134,44 +134,69 @@ void forward_block(const Attention& A, int64_t b, float* kt, float* rows, float*
   for (; i < L; ++i) forward_rows<e, 1>(A, b, i, q, v, kt, rows, out);
 }
 
-template <int e>
-void backward_block(const Attention& A, int64_t b, const float* g, float* vt, float* gpd,
-                    float* gs, float* gqkv) {
+// The backward pass of query rows i0 .. i0 + NR of one block: their gradients at the scores
+// (gs, gpd: NR rows of Lp), then gq for the rows and their shares of gk and gv, each key and
+// value row read and written once for all NR query rows.
+template <int e, int NR>
+void backward_rows(const Attention& A, int64_t b, int64_t i0, const float* q, const float* k,
+                   const float* g, const float* vt, float* gpd, float* gs, float* gq, float* gk,
+                   float* gv) {
   const int64_t L = A.L, Lp = A.Lp, nv = Lp / V, S = 3 * A.d, So = A.d;
-  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
-  g += A.out(b, e);
-  float *gq = gqkv + A.in(b, e), *gk = gq + A.d, *gv = gq + 2 * A.d;
-  transpose_padded<e>(v, S, L, Lp, vt);
-  for (int64_t j = 0; j < L; ++j) {
-    std::memset(gk + j * S, 0, sizeof(float) * e);
-    std::memset(gv + j * S, 0, sizeof(float) * e);
-  }
-  for (int64_t i = 0; i < L; ++i) {
+  for (int r = 0; r < NR; ++r) {
+    const int64_t i = i0 + r;
     const float* p = A.p + (b * L + i) * Lp;
     const uint32_t key = A.threshold ? row_key(A.seed, b * L + i) : 0;
+    float *gpd_r = gpd + r * Lp, *gs_r = gs + r * Lp;
     vf dot = vf{};
     for (int64_t t = 0; t < nv; ++t) {
       vf gw = vf{};  // gradient at the dropped weights: g_i . v_j
       for (int c = 0; c < e; ++c) gw += g[i * So + c] * load(vt + c * Lp + t * V);
       const vf pv = load(p + t * V);
-      store(gpd + t * V, drop(A, pv, key, t * V));  // the dropped weights themselves, for gv
-      gw = drop(A, gw, key, t * V);                   // gradient at the softmax output
-      store(gs + t * V, gw);
+      store(gpd_r + t * V, drop(A, pv, key, t * V));  // the dropped weights, for gv
+      gw = drop(A, gw, key, t * V);                     // gradient at the softmax output
+      store(gs_r + t * V, gw);
       dot += pv * gw;
     }
     const float d = hsum(dot);
     for (int64_t t = 0; t < nv; ++t)  // through the softmax, and the scale of the scores
-      store(gs + t * V, load(p + t * V) * (load(gs + t * V) - d) * A.scale);
-    using E = Row<e>;
-    const typename E::type gi = E::load(g + i * So), qi = E::load(q + i * S);
-    typename E::type acc[4] = {};
-    for (int64_t j = 0; j < L; ++j) {
-      E::store(gv + j * S, E::load(gv + j * S) + gpd[j] * gi);
-      E::store(gk + j * S, E::load(gk + j * S) + gs[j] * qi);
-      acc[j % 4] += gs[j] * E::load(k + j * S);
-    }
-    E::store(gq + i * S, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+      store(gs_r + t * V, load(p + t * V) * (load(gs_r + t * V) - d) * A.scale);
   }
+  using E = Row<e>;
+  typename E::type gi[NR], qi[NR], acc[NR][2] = {};
+  for (int r = 0; r < NR; ++r) {
+    gi[r] = E::load(g + (i0 + r) * So);
+    qi[r] = E::load(q + (i0 + r) * S);
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::type gvj = E::load(gv + j * S), gkj = E::load(gk + j * S);
+    const typename E::type kj = E::load(k + j * S);
+    for (int r = 0; r < NR; ++r) {
+      gvj += gpd[r * Lp + j] * gi[r];
+      gkj += gs[r * Lp + j] * qi[r];
+      acc[r][j & 1] += gs[r * Lp + j] * kj;
+    }
+    E::store(gv + j * S, gvj);
+    E::store(gk + j * S, gkj);
+  }
+  for (int r = 0; r < NR; ++r) E::store(gq + (i0 + r) * S, acc[r][0] + acc[r][1]);
+}
+
+template <int e>
+void backward_block(const Attention& A, int64_t b, const float* g, float* vt, float* gpd,
+                    float* gs, float* gqkv) {
+  constexpr int NR = 4;
+  const int64_t L = A.L, S = 3 * A.d;
+  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
+  g += A.out(b, e);
+  float *gq = gqkv + A.in(b, e), *gk = gq + A.d, *gv = gq + 2 * A.d;
+  transpose_padded<e>(v, S, L, A.Lp, vt);
+  for (int64_t j = 0; j < L; ++j) {
+    std::memset(gk + j * S, 0, sizeof(float) * e);
+    std::memset(gv + j * S, 0, sizeof(float) * e);
+  }
+  int64_t i = 0;
+  for (; i + NR <= L; i += NR) backward_rows<e, NR>(A, b, i, q, k, g, vt, gpd, gs, gq, gk, gv);
+  for (; i < L; ++i) backward_rows<e, 1>(A, b, i, q, k, g, vt, gpd, gs, gq, gk, gv);
 }
 
 template <int e>
@@ -188,7 +213,7 @@ template <int e>
 void backward_all(const Attention& A, const float* g, float* gqkv, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> vt(e * A.Lp), gpd(A.Lp), gs(A.Lp);
+    std::vector<float> vt(e * A.Lp), gpd(4 * A.Lp), gs(4 * A.Lp);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t b = 0; b < A.B; ++b)
       backward_block<e>(A, b, g, vt.data(), gpd.data(), gs.data(), gqkv);

@@ -269,7 +269,7 @@ void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f
 // call with the same seed is the backward pass, applied to the gradient.
 void titans_dropout_apply(const float* x, int64_t M, uint64_t seed, uint32_t threshold,
                           float scale, float* out, int threads) {
-#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= 4096)
+#pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= 1024)
   for (int64_t r = 0; r < M; ++r) {
     const vu keep = keep_lanes(row_key(seed, r), 0, threshold);
     store(out + r * V, keep ? load(x + r * V) * scale : vf{});
