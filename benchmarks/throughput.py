@@ -1,11 +1,13 @@
 """Seconds per batch of the benchmark MACTitan (batch 4, 500 steps, sinwave shapes).
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
-                                    [--library-encoder | --no-fused]
+                                    [--library-encoder | --no-fused] [--out results.jsonl]
 
 Times training batches (dropout on, forward + backward + Adam step) and evaluation batches
 (eval mode, no outer gradient; the memory still learns) for context windows 16 and 32, and
-prints the median of each; the last line is one JSON object with the four figures.
+prints the median of each; the last line is one JSON object with the four figures. ``--out``
+appends the run to a JSON-lines file with what it ran on: commit, device, threads, seed, every
+batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
 straightforward implementation) for comparison; ``--no-fused`` keeps the package's layer but
 runs its feed-forward on the plain PyTorch path instead of the fused kernel.
@@ -13,7 +15,9 @@ runs its feed-forward on the plain PyTorch path instead of the fused kernel.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import statistics
 import time
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from titans_lightning import MACTitan, fused
 from titans_lightning import model as mac_model
+from titans_lightning.results import git_commit
 
 
 def _sync(device: torch.device) -> None:
@@ -61,7 +66,9 @@ def main() -> None:
                         help="use nn.TransformerEncoderLayer instead of the package's layer")
     parser.add_argument("--no-fused", action="store_true",
                         help="feed-forward on the PyTorch path, not the fused CPU kernel")
+    parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
     args = parser.parse_args()
+    started = time.perf_counter()
     mac_model.EncoderLayer.fused = not args.no_fused
     if args.library_encoder:
         mac_model.EncoderLayer = lambda d, h, f, p: torch.nn.TransformerEncoderLayer(
@@ -72,15 +79,38 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None].to(device)  # (4, 500, 1)
-    result = {}
+    result, every_batch = {}, {}
     for C in (16, 32):
         model = MACTitan(context_window=C).to(device)
         for mode, train in (("train", True), ("eval", False)):
             times = time_batches(model, batch, train, args.batches, args.warmup)
             result[f"{mode}_s_per_batch_c{C}"] = round(statistics.median(times), 4)
+            every_batch[f"{mode}_c{C}"] = [round(t, 4) for t in times]
             print(f"C={C} {mode}: median {statistics.median(times):.3f} s/batch "
                   f"(min {min(times):.3f}, max {max(times):.3f}, {len(times)} batches)", flush=True)
+    if args.out:
+        run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
+               "device": _device(device), "threads": args.threads, "seed": 0,
+               "batches": args.batches, "warmup": args.warmup,
+               "variant": "library-encoder" if args.library_encoder
+               else "no-fused" if args.no_fused else "fused",
+               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
+               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                   timespec="seconds")}
+        with open(args.out, "a") as out:
+            out.write(json.dumps(run) + "\n")
     print(json.dumps(result))
+
+
+def _device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"cpu: {model}"
 
 
 if __name__ == "__main__":
