@@ -170,6 +170,36 @@ def test_fused_residual_norms_equal_their_operators():
                                    norm(x + ffn), rtol=1e-5, atol=1e-5)
 
 
+def test_model_under_cpu_autocast_runs_on_the_library_operators():
+    """Autocast hands the layers bfloat16 tensors the kernels cannot read: they step aside."""
+    from titans_lightning import MACTitan
+    torch.manual_seed(0)
+    model = MACTitan(context_window=4, dim_feedforward=32).eval()
+    x = torch.randn(2, 12, 1)
+    with torch.no_grad():
+        want = model(x)[0]
+        for memory in model.memories:  # the second pass starts from the same memory
+            memory.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused.supports_feed_forward(torch.randn(3, 16), 32)
+            got = model(x)[0]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_recall_error_of_values_the_kernel_cannot_take_uses_the_operators():
+    from titans_lightning.memory import NeuralMemory
+    torch.manual_seed(0)
+    memory = NeuralMemory(16, 32)
+    keys = torch.randn(1, 50, 16)
+    for values in (torch.randn(1, 50, 1), torch.randn(1, 50, 16, dtype=torch.float64)):
+        assert not fused.supports_recall(keys, values, memory.fast_weights, 32)
+        want = (memory.retrieve(keys) - values).pow(2).sum((1, 2)) / 50
+        torch.testing.assert_close(memory.recall_error(keys, values), want)
+    with pytest.raises(TypeError, match="float32 CPU tensors"):
+        fused.memory_recall(keys, keys.double(), memory.fast_weights, 32)
+
+
 def test_dropout_kernel_applies_the_reported_mask_forward_and_backward():
     torch.manual_seed(0)
     x = torch.randn(4000, 16, requires_grad=True)
@@ -385,6 +415,23 @@ def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):
     want = torch.autograd.grad(ref, [q, k, v], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    if p == 0.0:  # without a gradient: the evaluation kernel (queries across the lanes for e <= 8)
+        with torch.no_grad():
+            out = fused.attention(torch.cat([q, k, v], -1).float(), 1, 0.0)
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, e", [(2, 8), (4, 4), (2, 16)])
+def test_attention_without_grad_keeps_the_heads_apart(heads, e):
+    torch.manual_seed(e)
+    N, L = 5, 37
+    qkv = torch.randn(N, L, 3, heads, e)
+    with torch.no_grad():
+        out = fused.attention(qkv.view(N, L, -1), heads, 0.0)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, heads, L, e) each
+    want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(e), -1) @ v
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(N, L, heads * e), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):

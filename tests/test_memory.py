@@ -257,6 +257,17 @@ def test_unflattened_views_behave_as_a_dict_however_they_are_first_read():
     assert not torch.equal(memory.flatten(views), flat)
 
 
+def test_unflattened_views_keep_the_gradient_mode_of_the_unflatten_call():
+    memory = NeuralMemory()
+    flat = torch.randn(1, memory.fast_weights.shape[1], requires_grad=True)
+    views = memory.unflatten(flat)  # gradients on
+    with torch.no_grad():
+        first = views["w1"]  # made now, but as the unflatten call would have
+    assert first.requires_grad
+    first.sum().backward()
+    assert flat.grad is not None and flat.grad.abs().sum() == 32 * 16
+
+
 def test_any_non_finite_entry_marks_only_its_slot():
     from titans_lightning.memory import _all_finite
 

@@ -1,6 +1,7 @@
-"""Fused CPU kernels: the encoder's feed-forward (``csrc/feed_forward.cpp``), attention core
-(``csrc/attention.cpp``) and residual + layer norm (``csrc/rows.cpp``), the MAC query and the
-memory's keys and values (``csrc/rows.cpp``), and the two-layer neural memory
+"""Fused CPU kernels: the encoder's feed-forward and residual dropouts
+(``csrc/feed_forward.cpp``), attention core (``csrc/attention.cpp``) and residual + layer norm
+(``csrc/rows.cpp``), the MAC query and the memory's keys and values (``csrc/rows.cpp``), and the
+two-layer neural memory with the update's surprise, gradient and finite check
 (``csrc/memory_mlp.cpp``).
 
 Shape legend
@@ -18,7 +19,13 @@ read from and written to the layouts of the projections around it, with the same
 counter-based dropout draws.
 
 The two-layer memory's forward and backward pass (:func:`memory_forward`,
-:func:`memory_backward`) do a slot's rows in one call instead of a library call per product.
+:func:`memory_backward`) do a slot's rows in one call instead of a library call per product;
+:func:`memory_recall` gives the reference surprise and its weight gradient in one pass,
+:func:`query_memory` the memory's answer to the MAC query, :func:`commit_update` the harness's
+finite check and weight selection.
+
+Without a gradient or dropout (evaluation), the encoder layer runs as four calls: the input
+projection, :func:`attention`, :func:`project_add_layer_norm` and :func:`feed_forward_add_norm`.
 
 The kernels are compiled on first use with the machine's C++ compiler (``$CXX`` or ``c++``) for its
 own vector instructions and cached (``$TITANS_LIGHTNING_CACHE``, default
@@ -57,8 +64,10 @@ def supports_feed_forward(x: Tensor, f: int) -> bool:
 
 
 def _kernel_can_take(x: Tensor) -> bool:
-    """A float32 CPU tensor, and the kernels built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+    """A float32 CPU tensor, no CPU autocast (its operators would hand the kernels other
+    dtypes), and the kernels built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and library() is not None)
 
 
 def _dropout_seed(p: float) -> int:
@@ -90,6 +99,9 @@ def _needs_grad(*tensors: Tensor) -> bool:
 def _plain(t: Tensor) -> Tensor:
     """t as the kernels read it: contiguous, outside autograd (a detach only where needed: in a
     pass without a gradient it would be one more operation per tensor and call)."""
+    if t.dtype != torch.float32 or t.device.type != "cpu":  # the kernels would misread it
+        raise TypeError(f"the fused CPU kernels take float32 CPU tensors, got {t.dtype} on "
+                        f"{t.device}; check supports_*() before calling them")
     return (t.detach() if t.requires_grad else t).contiguous()
 
 
@@ -140,9 +152,20 @@ class _FusedFeedForward(torch.autograd.Function):
 
 
 def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
-    """Whether the kernel can run the two-layer memory for queries q (S, R, d)."""
-    return (_kernel_can_take(q) and flat.dtype == torch.float32
-            and _memory_widths_supported(q.shape[-1], hidden))
+    """Whether the kernel can run the two-layer memory with flat weights (S, n) for queries
+    q (S, R, d)."""
+    if not (_kernel_can_take(q) and q.dim() == 3 and flat.dtype == torch.float32
+            and flat.device.type == "cpu"):
+        return False
+    d = q.shape[-1]
+    return (tuple(flat.shape) == (q.shape[0], 2 * hidden * d + hidden + d)
+            and _memory_widths_supported(d, hidden))
+
+
+def supports_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int) -> bool:
+    """Whether :func:`memory_recall` can take these keys and values (S, R, d) and weights."""
+    return (supports_memory(keys, flat, hidden) and values.shape == keys.shape
+            and values.dtype == torch.float32 and values.device.type == "cpu")
 
 
 @lru_cache(maxsize=None)
@@ -205,7 +228,7 @@ def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, upd
     counter and the number of slots not ok to ``skipped`` (int64 scalars, in place)."""
     surprise, grads, new, old = _plain(surprise), _plain(grads), _plain(new), _plain(old)
     S, n = old.shape
-    weights, ok = torch.empty_like(old), torch.empty(S, dtype=torch.bool)
+    weights, ok = torch.empty_like(old), torch.empty(S, dtype=torch.bool, device=old.device)
     library().titans_memory_commit(surprise.data_ptr(), grads.data_ptr(), new.data_ptr(),
                                    old.data_ptr(), S, n, weights.data_ptr(), ok.data_ptr(),
                                    updates.data_ptr(), skipped.data_ptr())
@@ -291,6 +314,9 @@ def project_add_layer_norm(x: Tensor, r: Tensor, project: torch.nn.Linear,
 
 def _add_layer_norm(x, r, w, b, eps: float, project: torch.nn.Linear | None = None):
     """The kernel's forward pass -> (out, the inputs its backward pass needs)."""
+    if r.shape != x.shape:
+        raise ValueError(f"the residual branch {tuple(r.shape)} must have the shape of its "
+                         f"input {tuple(x.shape)}")
     x, r, w, b = _plain(x), _plain(r), _plain(w), _plain(b)
     pw = pb = None
     if project is not None:
@@ -334,10 +360,9 @@ def supports_query(x: Tensor, linear: torch.nn.Linear) -> bool:
 
 def query(x: Tensor, linear: torch.nn.Linear, then_silu: bool) -> Tensor:
     """``normalize(linear(x))`` over the last dimension, then silu if asked; no autograd."""
-    x = x.contiguous()
+    x, w, b = _plain(x), _plain(linear.weight), _plain(linear.bias)
     out = torch.empty_like(x)
-    library().titans_query_forward(x.data_ptr(), linear.weight.data_ptr(),
-                                   linear.bias.data_ptr(), x.numel() // ROW_WIDTH,
+    library().titans_query_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), x.numel() // ROW_WIDTH,
                                    int(then_silu), out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -352,11 +377,11 @@ def query_memory(x: Tensor, linear: torch.nn.Linear, then_silu: bool, flat: Tens
                  hidden: int) -> Tensor:
     """``M(query(x, linear, then_silu))`` for rows x (S, R, 16) and the two-layer memory's flat
     weights (S, n): the query never leaves the registers; no autograd."""
-    x, flat = _plain(x), _plain(flat)
+    x, flat, w, b = _plain(x), _plain(flat), _plain(linear.weight), _plain(linear.bias)
     S, R, d = x.shape
     out = torch.empty_like(x)
-    library().titans_mlp_query_forward(x.data_ptr(), linear.weight.data_ptr(),
-                                       linear.bias.data_ptr(), int(then_silu), flat.data_ptr(),
+    library().titans_mlp_query_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), int(then_silu),
+                                       flat.data_ptr(),
                                        S, R, d, hidden, out.data_ptr(), torch.get_num_threads())
     return out
 

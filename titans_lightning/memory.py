@@ -185,7 +185,7 @@ class NeuralMemory(nn.Module):
         it out."""
         flat = self.fast_weights
         if (self.num_layers == 2 and not self.differentiable
-                and fused.supports_memory(keys, flat, self.hidden)):
+                and fused.supports_recall(keys, values, flat, self.hidden)):
             if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
                 return _RecallError.apply(keys, values, flat, self.hidden)
             # only the weights can need a gradient: the kernel computes it with the surprise, and
@@ -511,15 +511,17 @@ class _FlatViews(dict):
         self.flat = flat
         self._recipe: tuple | None = (names, shapes, sizes)  # None once the views exist
         self._views: tuple[Tensor, ...] = ()
+        self._grad_mode = torch.is_grad_enabled()  # the views behave as if made now
 
     def _make_views(self) -> None:
         if self.__dict__.get("_recipe") is None:  # made, or being unpickled (items come first)
             return
         names, shapes, sizes = self._recipe
         self._recipe = None
-        parts = self.flat.split(sizes, dim=1)
-        dict.update(self, {n: p.view(self.flat.shape[0], *shape)
-                           for n, p, shape in zip(names, parts, shapes)})
+        with torch.set_grad_enabled(self._grad_mode):
+            parts = self.flat.split(sizes, dim=1)
+            dict.update(self, {n: p.view(self.flat.shape[0], *shape)
+                               for n, p, shape in zip(names, parts, shapes)})
         self._views = tuple(dict.values(self))
 
     def unchanged(self) -> bool:

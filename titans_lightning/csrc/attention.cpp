@@ -199,13 +199,53 @@ void backward_block(const Attention& A, int64_t b, const float* g, float* vt, fl
   for (; i < L; ++i) backward_rows<e, 1>(A, b, i, q, k, g, vt, gpd, gs, gq, gk, gv);
 }
 
+// Without dropout or kept weights (evaluation): the lanes of a vector are 16 queries, so the
+// softmax runs down the keys lane by lane, with no reductions across lanes: per key, e products
+// for the scores, one exponential and e products with v, for 16 queries at once. s is scratch
+// for a column of scores (L, V). For e <= 8 (the accumulators stay in registers).
+template <int e>
+void forward_block_lanes(const Attention& A, int64_t b, float* s, float* out) {
+  const int64_t L = A.L, S = 3 * A.d;
+  const float *q = A.qkv + A.in(b, e), *k = q + A.d, *v = q + 2 * A.d;
+  out += A.out(b, e);
+  for (int64_t i0 = 0; i0 < L; i0 += V) {
+    const int64_t n = L - i0 < V ? L - i0 : V;  // queries in this vector; the rest are zeros
+    alignas(64) float lanes[e][V] = {};
+    for (int64_t l = 0; l < n; ++l)
+      for (int c = 0; c < e; ++c) lanes[c][l] = q[(i0 + l) * S + c] * A.scale;
+    vf qt[e];  // q^T / sqrt(e): lane l of qt[c] is feature c of query i0 + l
+    for (int c = 0; c < e; ++c) qt[c] = load(lanes[c]);
+    vf top = splat(-INFINITY);
+    for (int64_t j = 0; j < L; ++j) {  // the scores of key j for the 16 queries
+      vf acc = vf{};
+      for (int c = 0; c < e; ++c) acc += k[j * S + c] * qt[c];
+      store(s + j * V, acc);
+      top = acc > top ? acc : top;
+    }
+    vf total = vf{}, o[e] = {};
+    for (int64_t j = 0; j < L; ++j) {
+      const vf w = exp_(load(s + j * V) - top);
+      total += w;
+      for (int c = 0; c < e; ++c) o[c] += v[j * S + c] * w;
+    }
+    const vf inv = 1.0f / total;
+    for (int c = 0; c < e; ++c) store(lanes[c], o[c] * inv);
+    for (int64_t l = 0; l < n; ++l)
+      for (int c = 0; c < e; ++c) out[(i0 + l) * A.d + c] = lanes[c][l];
+  }
+}
+
 template <int e>
 void forward_all(const Attention& A, float* out, int threads) {
+  const bool lanes = e <= 8 && !A.p && !A.threshold;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> kt(e * A.Lp), rows(4 * A.Lp);
+    std::vector<float> kt(e * A.Lp), rows(4 * A.Lp), scores(lanes ? A.L * V : 0);
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < A.B; ++b) forward_block<e>(A, b, kt.data(), rows.data(), out);
+    for (int64_t b = 0; b < A.B; ++b) {
+      if (lanes) forward_block_lanes<e>(A, b, scores.data(), out);
+      else forward_block<e>(A, b, kt.data(), rows.data(), out);
+    }
   }
 }
 
