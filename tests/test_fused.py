@@ -335,6 +335,54 @@ def test_recall_kernel_gives_the_same_bits_on_one_and_two_threads():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("slots", [1, 3])
+def test_fused_titans_update_equals_the_four_functions(slots, monkeypatch):
+    from titans_lightning.memory import NeuralMemory
+    from titans_lightning.strategies import titans_default
+    torch.manual_seed(slots)
+    fast = NeuralMemory(16, 32, 2, "titans_default", {"alpha": 0.99, "eta": 0.8, "theta": 0.05})
+    slow = NeuralMemory(16, 32, 2, "titans_default", {"alpha": 0.99, "eta": 0.8, "theta": 0.05})
+    slow.load_state_dict(fast.state_dict())
+    for memory in (fast, slow):
+        memory.start_sequences(slots) if slots > 1 else None
+    chunks = [torch.randn(slots, 300, 16) for _ in range(4)]
+    chunks[2][-1, 7, 3] = float("nan")  # the last slot's update is skipped, the others go on
+    made = []  # whether the kernel made each update
+    real = titans_default.fused_update
+
+    def spy(memory, x):
+        result = real(memory, x)
+        made.append(result is not None)
+        return result
+
+    monkeypatch.setattr(titans_default, "fused_update", spy)
+    for x in chunks:
+        fast.update(x)
+    assert made == [True] * 4
+    monkeypatch.setattr(titans_default, "fused_update", lambda memory, x: None)
+    for x in chunks:
+        slow.update(x)
+    torch.testing.assert_close(fast.fast_weights, slow.fast_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.state["momentum"], slow.state["momentum"], rtol=1e-5,
+                               atol=1e-6)
+    assert int(fast.skipped_updates) == int(slow.skipped_updates) == 1
+    a, b = fast.pop_history(), slow.pop_history()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+def test_fused_titans_update_steps_aside_where_it_does_not_apply():
+    from titans_lightning.memory import NeuralMemory
+    from titans_lightning.strategies import titans_default
+    memory = NeuralMemory(16, 32, 2, "titans_default")
+    assert titans_default.fused_update(memory, torch.randn(1, 50, 16)) is not None
+    assert titans_default.fused_update(memory, torch.randn(1, 50, 16).double()) is None
+    assert titans_default.fused_update(NeuralMemory(16, 32, 1, "titans_default"),
+                                       torch.randn(1, 50, 16)) is None  # one-layer memory
+    memory.reduce = lambda surprise, grads, rows: (surprise, grads)  # DDP: the four functions
+    assert memory._fused_update(torch.randn(1, 50, 16)) is None
+
+
 class _ScaledSurprise:
     """titans_default, but the surprise is twice recall_error: the gradient must double."""
 

@@ -235,6 +235,34 @@ def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, upd
     return ok, weights
 
 
+def supports_titans_update(x: Tensor, key_proj: Tensor, value_proj: Tensor, flat: Tensor,
+                           momentum: Tensor, hidden: int) -> bool:
+    """Whether :func:`titans_update` can take layer outputs x (S, R, 16), the (16, 16)
+    projections and the two-layer memory's flat weights and momentum (S, n), none of them
+    needing a gradient."""
+    return (supports_keys_values(x, key_proj, value_proj) and supports_memory(x, flat, hidden)
+            and momentum.shape == flat.shape and momentum.dtype == torch.float32
+            and momentum.device.type == "cpu" and not _needs_grad(flat, momentum))
+
+
+def titans_update(x: Tensor, key_proj: Tensor, value_proj: Tensor, flat: Tensor,
+                  momentum: Tensor, alpha: float, eta: float, theta: float, hidden: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The built-in Titans rule in one call: keys ``normalize(silu(x K^T))``, values
+    ``silu(x V^T)``, the surprise (S,) and its gradient g (S, n), momentum ``eta m - theta g``
+    and weights ``alpha w + momentum``. Returns (surprise, g, weights, momentum); no autograd."""
+    x, key_proj, value_proj = _plain(x), _plain(key_proj), _plain(value_proj)
+    flat, momentum = _plain(flat), _plain(momentum)
+    S, R, d = x.shape
+    surprise = x.new_empty(S)
+    grads, weights, new_momentum = (torch.empty_like(flat) for _ in range(3))
+    library().titans_update(x.data_ptr(), key_proj.data_ptr(), value_proj.data_ptr(),
+                            flat.data_ptr(), momentum.data_ptr(), alpha, eta, theta, S, R, d,
+                            hidden, surprise.data_ptr(), grads.data_ptr(), weights.data_ptr(),
+                            new_momentum.data_ptr(), torch.get_num_threads())
+    return surprise, grads, weights, new_momentum
+
+
 def supports_attention(x: Tensor, head_width: int) -> bool:
     """Whether the kernel can run the attention core of x (N, L, d) with heads of width e."""
     return _kernel_can_take(x) and _attention_sizes_supported(head_width, x.shape[-2])
@@ -515,6 +543,10 @@ def library() -> ctypes.CDLL | None:
     lib.titans_mlp_query_forward.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I64, _I64, _I64,
                                              _P, ctypes.c_int]
     lib.titans_mlp_query_forward.restype = ctypes.c_int
+    _F = ctypes.c_float
+    lib.titans_update.argtypes = [_P, _P, _P, _P, _P, _F, _F, _F, _I64, _I64, _I64, _I64, _P, _P,
+                                  _P, _P, ctypes.c_int]
+    lib.titans_update.restype = ctypes.c_int
     return lib
 
 

@@ -230,11 +230,16 @@ class NeuralMemory(nn.Module):
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
         old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
-        surprise, grads = self._surprise_and_grads(x.detach(), old)
-        if self.reduce is not None:
-            surprise, grads = self.reduce(surprise, grads, x.shape[1])
         self._now.gate = None
-        new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
+        fast = self._fused_update(x.detach())
+        if fast is not None:
+            surprise, grads, new = fast
+        else:
+            surprise, grads = self._surprise_and_grads(x.detach(), old)
+            if self.reduce is not None:
+                surprise, grads = self.reduce(surprise, grads, x.shape[1])
+            self._now.gate = None
+            new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok, self._buffers["fast_weights"] = self._checked(surprise, grads, new, old)
         self._commit_state(old_state, ok)
         self._record(surprise, grads, old, ok)
@@ -252,6 +257,16 @@ class NeuralMemory(nn.Module):
         self.num_updates.add_(1)
         self.skipped_updates.add_(ok.numel() - ok.sum())
         return ok, torch.where(ok[:, None], new, old)
+
+    def _fused_update(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The strategy's optional ``fused_update(memory, x)``: the whole update in one call,
+        (surprise, grads, new flat weights), or None to take the four-function path. Never
+        with a reduce hook (it needs the surprise and gradients in between) or a rule whose
+        graph the outer optimiser follows."""
+        fused_update = getattr(self.strategy, "fused_update", None)
+        if fused_update is None or self.reduce is not None or self.differentiable:
+            return None
+        return fused_update(self, x)
 
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         keep_graph = self.differentiable and torch.is_grad_enabled()

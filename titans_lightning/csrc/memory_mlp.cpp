@@ -282,6 +282,33 @@ void recall_slots(const float* q, const float* values, const float* flat, int64_
   }
 }
 
+// The built-in Titans rule (strategies/titans_default.py) for each slot in one pass, from the
+// layer outputs x (S, R, 16): keys and values (key_value_row), the surprise and its gradient
+// (recall_slots), then momentum' = eta momentum - theta grads and
+// weights' = alpha weights + momentum'.
+template <int dv, int hv>
+void titans_update_slots(const float* x, const float* kt, const float* vt, const float* flat,
+                         const float* momentum, float alpha, float eta, float theta, int64_t S,
+                         int64_t R, float* surprise, float* grads, float* fresh,
+                         float* fresh_momentum, int threads) {
+  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
+  static_assert(dv == 1, "the keys and values are 16 wide");
+  std::unique_ptr<float[]> keys(new float[R * d]), values(new float[R * d]);
+  for (int64_t i = 0; i < S; ++i) {
+    const float* xi = x + i * R * d;
+#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 1024)
+    for (int64_t r = 0; r < R; ++r)
+      key_value_row(xi + r * d, kt, vt, keys.get() + r * d, values.get() + r * d);
+    recall_slots<dv, hv>(keys.get(), values.get(), flat + i * n, 1, R, surprise + i,
+                         grads + i * n, threads);
+    for (int64_t e = 0; e < n; ++e) {
+      const float m = eta * momentum[i * n + e] - theta * grads[i * n + e];  // Eq. 13
+      fresh_momentum[i * n + e] = m;
+      fresh[i * n + e] = alpha * flat[i * n + e] + m;  // Eq. 14
+    }
+  }
+}
+
 // Calls fn<dv, hv>(args...) for the supported widths: d in {16, 32}, h in {16, 32, 64}.
 #define TITANS_DISPATCH(fn, d, h, ...)                       \
   switch ((d) / V * 8 + (h) / V) {                           \
@@ -346,6 +373,30 @@ int titans_mlp_query_forward(const float* x, const float* w, const float* b, int
     case 1: query_forward_slots<1, 1>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
     case 2: query_forward_slots<1, 2>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
     case 4: query_forward_slots<1, 4>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
+    default: return 0;
+  }
+}
+
+// The built-in Titans update of S slots from layer outputs x (S, R, 16) with key and value
+// projections K, V (16, 16), flat weights and momentum (S, n): surprise (S), grads, the new
+// weights and momentum (S, n). Returns 0 for an unsupported width (d must be 16).
+int titans_update(const float* x, const float* key_w, const float* value_w, const float* flat,
+                  const float* momentum, float alpha, float eta, float theta, int64_t S,
+                  int64_t R, int64_t d, int64_t h, float* surprise, float* grads, float* fresh,
+                  float* fresh_momentum, int threads) {
+  if (d != V || !titans_mlp_supported(d, h)) return 0;
+  float kt[V * V], vt[V * V];  // K^T, V^T
+  for (int o = 0; o < V; ++o)
+    for (int k = 0; k < V; ++k)
+      kt[k * V + o] = key_w[o * V + k], vt[k * V + o] = value_w[o * V + k];
+  const int T = threads < 1 ? 1 : threads;
+  switch (h / V) {
+    case 1: titans_update_slots<1, 1>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
+                                      surprise, grads, fresh, fresh_momentum, T); return 1;
+    case 2: titans_update_slots<1, 2>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
+                                      surprise, grads, fresh, fresh_momentum, T); return 1;
+    case 4: titans_update_slots<1, 4>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
+                                      surprise, grads, fresh, fresh_momentum, T); return 1;
     default: return 0;
   }
 }

@@ -122,17 +122,8 @@ void titans_keys_values_forward(const float* x, const float* key_w, const float*
     for (int k = 0; k < D; ++k)
       kt[k * D + o] = key_w[o * D + k], vt[k * D + o] = value_w[o * D + k];
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
-  for (int64_t i = 0; i < M; ++i) {
-    vf a = vf{}, b = vf{};
-    for (int k = 0; k < D; ++k) {
-      a += x[i * D + k] * load(kt + k * D);
-      b += x[i * D + k] * load(vt + k * D);
-    }
-    a = a * sigmoid(a);
-    const float norm = std::sqrt(hsum(a * a));
-    store(keys + i * D, a * (1.0f / (norm > 1e-12f ? norm : 1e-12f)));  // F.normalize's eps
-    store(values + i * D, b * sigmoid(b));
-  }
+  for (int64_t i = 0; i < M; ++i)
+    key_value_row(x + i * D, kt, vt, keys + i * D, values + i * D);
 }
 
 }  // extern "C"

@@ -143,6 +143,21 @@ inline vf query_row(const float* x, const float* wt, vf b, bool then_silu) {
   return then_silu ? a * sigmoid(a) : a;
 }
 
+// The built-in memory rules' key and value of one 16-wide row x: normalize(silu(x K^T)) and
+// silu(x V^T), with kt = K^T and vt = V^T (row k holds the weights of input k).
+inline void key_value_row(const float* x, const float* kt, const float* vt, float* key,
+                          float* value) {
+  vf a = vf{}, b = vf{};
+  for (int k = 0; k < V; ++k) {
+    a += x[k] * load(kt + k * V);
+    b += x[k] * load(vt + k * V);
+  }
+  a = a * sigmoid(a);
+  const float norm = std::sqrt(hsum(a * a));
+  store(key, a * (1.0f / (norm > 1e-12f ? norm : 1e-12f)));  // F.normalize's eps
+  store(value, b * sigmoid(b));
+}
+
 // Counter-based dropout draws: a 64-bit mix of (seed, row) keys each row; the lowbias32 integer
 // hash of key ^ (j * golden) gives 32 uniform bits for each column j of the row.
 inline uint32_t row_key(uint64_t seed, int64_t r) {

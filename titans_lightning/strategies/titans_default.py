@@ -50,3 +50,18 @@ def apply_update(memory, grads, surprise):
     momentum = eta * memory.state["momentum"] - theta * memory.flatten(grads)  # Eq. 13
     memory.state["momentum"] = momentum
     return memory.unflatten(alpha * memory.fast_weights + momentum)  # Eq. 14
+
+
+def fused_update(memory, x):
+    """The three functions above in one kernel call, where the kernels can take the update (the
+    harness then skips them); None where they cannot, and the harness calls them instead."""
+    K, V, momentum = (memory.state[n] for n in ("key_proj", "value_proj", "momentum"))
+    flat = memory.fast_weights
+    if memory.num_layers != 2 or not fused.supports_titans_update(x, K, V, flat, momentum,
+                                                                   memory.hidden):
+        return None
+    alpha, eta, theta = (memory.options.get(k, v) for k, v in DEFAULTS.items())
+    surprise, grads, weights, momentum = fused.titans_update(x, K, V, flat, momentum, alpha, eta,
+                                                             theta, memory.hidden)
+    memory.state["momentum"] = momentum
+    return surprise, grads, weights
