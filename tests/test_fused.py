@@ -335,8 +335,8 @@ def test_recall_kernel_gives_the_same_bits_on_one_and_two_threads():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.parametrize("slots", [1, 3])
-def test_fused_titans_update_equals_the_four_functions(slots, monkeypatch):
+@pytest.mark.parametrize("slots, rows", [(1, 1024), (3, 300)])  # split over threads, and not
+def test_fused_titans_update_equals_the_four_functions(slots, rows, monkeypatch):
     from titans_lightning.memory import NeuralMemory
     from titans_lightning.strategies import titans_default
     torch.manual_seed(slots)
@@ -345,7 +345,7 @@ def test_fused_titans_update_equals_the_four_functions(slots, monkeypatch):
     slow.load_state_dict(fast.state_dict())
     for memory in (fast, slow):
         memory.start_sequences(slots) if slots > 1 else None
-    chunks = [torch.randn(slots, 300, 16) for _ in range(4)]
+    chunks = [torch.randn(slots, rows, 16) for _ in range(4)]
     chunks[2][-1, 7, 3] = float("nan")  # the last slot's update is skipped, the others go on
     made = []  # whether the kernel made each update
     real = titans_default.fused_update
