@@ -230,15 +230,16 @@ class NeuralMemory(nn.Module):
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
         old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
-        self._now.gate = None
-        fast = self._fused_update(x.detach())
+        self._now.gate = None  # what fused_update reports, if it runs
+        x = x.detach()
+        fast = self._fused_update(x)
         if fast is not None:
             surprise, grads, new = fast
         else:
-            surprise, grads = self._surprise_and_grads(x.detach(), old)
+            surprise, grads = self._surprise_and_grads(x, old)
             if self.reduce is not None:
                 surprise, grads = self.reduce(surprise, grads, x.shape[1])
-            self._now.gate = None
+            self._now.gate = None  # only apply_update reports the gate
             new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
         ok, self._buffers["fast_weights"] = self._checked(surprise, grads, new, old)
         self._commit_state(old_state, ok)
