@@ -209,29 +209,22 @@ void backward_rows(const Problem& P, int64_t r0, int64_t r1, int tid) {
   }
 }
 
-// Runs fn over the rows in chunks on up to `threads` threads of the OpenMP pool (the one
-// PyTorch's own CPU operators use, so the two never compete for cores). The forward pass, whose
-// rows are independent, hands chunks to threads as they become free: a thread that wakes late
-// does less. The backward pass (`fixed`) gives each thread the same chunks every time, so its
-// per-thread partial sums, and the weight gradients, are the same bits from run to run.
+// Runs fn over the rows in chunks that up to `threads` threads of the OpenMP pool (the one
+// PyTorch's own CPU operators use, so the two never compete for cores) take as they come: a
+// thread that wakes late does less, instead of making the others wait for its fixed share.
 // Returns how many thread slots fn may have used.
 int parallel_rows(void (*fn)(const Problem&, int64_t, int64_t, int), const Problem& P,
-                  int threads, bool fixed) {
+                  int threads) {
   constexpr int64_t CHUNK = 4 * R;
   int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
   if (P.M < 2 * CHUNK) T = 1;
 #if defined(_OPENMP)
   if (T > 1) {
     const int64_t chunks = (P.M + CHUNK - 1) / CHUNK;
-    auto run = [&](int64_t c) {
-      fn(P, c * CHUNK, (c + 1) * CHUNK < P.M ? (c + 1) * CHUNK : P.M, omp_get_thread_num());
-    };
-    if (fixed) {
-#pragma omp parallel for num_threads(T) schedule(static)
-      for (int64_t c = 0; c < chunks; ++c) run(c);
-    } else {
 #pragma omp parallel for num_threads(T) schedule(dynamic, 1)
-      for (int64_t c = 0; c < chunks; ++c) run(c);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r1 = (c + 1) * CHUNK < P.M ? (c + 1) * CHUNK : P.M;
+      fn(P, c * CHUNK, r1, omp_get_thread_num());
     }
     return T;
   }
@@ -301,7 +294,7 @@ int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* 
   P.x = x; P.w1t = w1t; P.b1 = b1; P.w2t = w2t; P.b2 = b2; P.out = out;
   P.M = M; P.f = f; P.seed = seed; P.threshold = threshold; P.scale = scale;
   P.norm_w = norm_w; P.norm_b = norm_b; P.eps = eps;
-  parallel_rows(forward_rows, P, threads, false);
+  parallel_rows(forward_rows, P, threads);
   std::free(w1t);
   return 0;
 }
@@ -328,7 +321,7 @@ int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float*
   P.gw1t = scratch + D * f;
   P.gw2 = P.gw1t + T * D * f;
   P.gb1 = P.gw2 + T * D * f;
-  const int used = parallel_rows(backward_rows, P, T, true);
+  const int used = parallel_rows(backward_rows, P, T);
   for (int t = 1; t < used; ++t) {
     for (int64_t i = 0; i < D * f; ++i) {
       P.gw1t[i] += P.gw1t[t * D * f + i];
