@@ -355,6 +355,7 @@ def test_fused_titans_update_equals_the_four_functions(slots, rows, monkeypatch)
         made.append(result is not None)
         return result
 
+    spy.__module__ = real.__module__  # it stands for titans_default's three functions
     monkeypatch.setattr(titans_default, "fused_update", spy)
     for x in chunks:
         fast.update(x)
@@ -381,6 +382,24 @@ def test_fused_titans_update_steps_aside_where_it_does_not_apply():
                                        torch.randn(1, 50, 16)) is None  # one-layer memory
     memory.reduce = lambda surprise, grads, rows: (surprise, grads)  # DDP: the four functions
     assert memory._fused_update(torch.randn(1, 50, 16)) is None
+
+
+def test_a_rule_that_borrows_fused_update_but_replaces_a_function_does_not_take_it(tmp_path):
+    """A module that imports titans_default's fused_update and writes its own apply_update must
+    get its own apply_update."""
+    from titans_lightning.memory import NeuralMemory
+    rule = tmp_path / "half_step.py"
+    rule.write_text(
+        "from titans_lightning.strategies.titans_default import (\n"
+        "    compute_keys_values, compute_surprise, fused_update, init_memory_state)\n\n\n"
+        "def apply_update(memory, grads, surprise):\n"
+        "    return memory.unflatten(memory.fast_weights - 0.5 * memory.flatten(grads))\n")
+    memory = NeuralMemory(16, 32, 2, str(rule))
+    assert memory._fused_update(torch.randn(1, 50, 16)) is None
+    before = memory.fast_weights.clone()
+    memory.update(torch.randn(1, 50, 16))
+    grads = memory.history[-1]["grads"]
+    torch.testing.assert_close(memory.fast_weights, before - 0.5 * grads)
 
 
 class _ScaledSurprise:

@@ -267,6 +267,8 @@ class NeuralMemory(nn.Module):
         fused_update = getattr(self.strategy, "fused_update", None)
         if fused_update is None or self.reduce is not None or self.differentiable:
             return None
+        if not _stands_for_its_rule(self.strategy, fused_update):
+            return None
         return fused_update(self, x)
 
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,6 +376,15 @@ class NeuralMemory(nn.Module):
         strategy = getattr(self.strategy, "__name__", type(self.strategy).__name__)
         return (f"dim={self.dim}, hidden={self.hidden}, num_layers={self.num_layers}, "
                 f"strategy={strategy}, slots={self.n_slots}")
+
+
+def _stands_for_its_rule(strategy: Any, fused_update: Any) -> bool:
+    """Whether ``fused_update`` was written with the strategy's own three functions: it comes
+    from the module (or class) that defines them. A rule that imports another's fused_update
+    and replaces one of its functions does not take it."""
+    home = getattr(fused_update, "__module__", None)
+    return all(getattr(getattr(strategy, name, None), "__module__", None) == home
+               for name in ("compute_keys_values", "compute_surprise", "apply_update"))
 
 
 def _portable_spec(spec: Any, strategy: Any) -> Any:

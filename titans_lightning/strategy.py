@@ -37,7 +37,8 @@ gradients are combined across processes under DDP (see :mod:`titans_lightning.di
 ``fused_update(memory, x)`` may do the work of the other three functions in one call, returning
 ``(surprise, grads, new_flat_weights)`` (and assigning its new state), or None to leave it to
 them. It must compute what they compute; the harness uses it outside DDP's reduce hook and
-``DIFFERENTIABLE`` rules, and checks and records its result like any other update.
+``DIFFERENTIABLE`` rules, only when it comes from the module that defines the three functions,
+and checks and records its result like any other update.
 
 Strategy strings (the config stores only the string, so checkpoints stay portable):
 a built-in name (any module of :mod:`titans_lightning.strategies`, e.g. ``titans_default``), a
