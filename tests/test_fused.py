@@ -121,12 +121,22 @@ def test_non_finite_input_stays_in_its_row():
     assert bad[3] and bad.sum() <= 2 and torch.isfinite(out[[0, 1, 2, 4, 5, 6]]).all()
 
 
-def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
+def layer_pair(scaled_norms=False):
+    """The library's encoder layer and the package's, with the same weights, in eval mode;
+    ``scaled_norms``: norms that are not the identity they start as."""
     torch.manual_seed(0)
     ref = torch.nn.TransformerEncoderLayer(16, 2, 256, 0.1, activation=F.silu, batch_first=True)
     mine = enc.EncoderLayer(16, 2, 256, 0.1)
+    if scaled_norms:
+        with torch.no_grad():
+            for norm in (ref.norm1, ref.norm2):
+                norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
     mine.load_state_dict(ref.state_dict())
-    ref.eval(), mine.eval()
+    return ref.eval(), mine.eval()
+
+
+def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
+    ref, mine = layer_pair()
     x = torch.randn(6, 20, 16, requires_grad=True)
     assert fused.supports_feed_forward(x, 256)
     a, b = ref(x), mine(x)
@@ -139,14 +149,7 @@ def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
 
 
 def test_encoder_layer_without_grad_takes_the_fused_path_and_equals_the_library_layer():
-    torch.manual_seed(0)
-    ref = torch.nn.TransformerEncoderLayer(16, 2, 256, 0.1, activation=F.silu, batch_first=True)
-    mine = enc.EncoderLayer(16, 2, 256, 0.1)
-    with torch.no_grad():  # norms that are not the identity at initialisation
-        for norm in (ref.norm1, ref.norm2):
-            norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
-    mine.load_state_dict(ref.state_dict())
-    ref.eval(), mine.eval()
+    ref, mine = layer_pair(scaled_norms=True)
     x = torch.randn(6, 20, 16) * 3
     with torch.no_grad():
         assert mine._fused_without_grad(x)

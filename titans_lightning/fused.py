@@ -12,7 +12,7 @@ Shape legend
 it lives in vector registers between the two matrix products, and the backward pass recomputes
 it. Dropout is the same Bernoulli(p) process as ``F.dropout``; the draws come from a
 counter-based hash of (seed, row, unit), the seed from torch's generator (``torch.manual_seed``
-makes runs reproducible); the forward pass keeps the decisions as bits for the backward pass.
+fixes the masks); the forward pass keeps the decisions as bits for the backward pass.
 
 ``attention(qkv, heads, p)`` is ``dropout(softmax(q k^T / sqrt(e)), p) v`` per (window, head),
 read from and written to the layouts of the projections around it, with the same kind of
@@ -56,6 +56,7 @@ HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 ROW_WIDTH = 16  # the kernel's d
 _P, _I64, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32
+_F32, _INT = ctypes.c_float, ctypes.c_int
 
 
 def supports_feed_forward(x: Tensor, f: int) -> bool:
@@ -66,8 +67,12 @@ def supports_feed_forward(x: Tensor, f: int) -> bool:
 def _kernel_can_take(x: Tensor) -> bool:
     """A float32 CPU tensor, no CPU autocast (its operators would hand the kernels other
     dtypes), and the kernels built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and library() is not None)
+    return (_float32_cpu(x) and not torch.is_autocast_enabled("cpu")
+            and library() is not None)
+
+
+def _float32_cpu(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def _dropout_seed(p: float) -> int:
@@ -99,7 +104,7 @@ def _needs_grad(*tensors: Tensor) -> bool:
 def _plain(t: Tensor) -> Tensor:
     """t as the kernels read it: contiguous, outside autograd (a detach only where needed: in a
     pass without a gradient it would be one more operation per tensor and call)."""
-    if t.dtype != torch.float32 or t.device.type != "cpu":  # the kernels would misread it
+    if not _float32_cpu(t):  # the kernels would misread it
         raise TypeError(f"the fused CPU kernels take float32 CPU tensors, got {t.dtype} on "
                         f"{t.device}; check supports_*() before calling them")
     return (t.detach() if t.requires_grad else t).contiguous()
@@ -154,8 +159,7 @@ class _FusedFeedForward(torch.autograd.Function):
 def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
     """Whether the kernel can run the two-layer memory with flat weights (S, n) for queries
     q (S, R, d)."""
-    if not (_kernel_can_take(q) and q.dim() == 3 and flat.dtype == torch.float32
-            and flat.device.type == "cpu"):
+    if not (_kernel_can_take(q) and q.dim() == 3 and _float32_cpu(flat)):
         return False
     d = q.shape[-1]
     return (tuple(flat.shape) == (q.shape[0], 2 * hidden * d + hidden + d)
@@ -165,7 +169,7 @@ def supports_memory(q: Tensor, flat: Tensor, hidden: int) -> bool:
 def supports_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int) -> bool:
     """Whether :func:`memory_recall` can take these keys and values (S, R, d) and weights."""
     return (supports_memory(keys, flat, hidden) and values.shape == keys.shape
-            and values.dtype == torch.float32 and values.device.type == "cpu")
+            and _float32_cpu(values))
 
 
 @lru_cache(maxsize=None)
@@ -217,8 +221,7 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
 def supports_commit(*tensors: Tensor) -> bool:
     """Whether the kernel can check and apply an update of these float32 CPU tensors (none
     needing a gradient)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not _needs_grad(*tensors) and library() is not None)
+    return _float32_cpu(*tensors) and not _needs_grad(*tensors) and library() is not None
 
 
 def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,
@@ -241,8 +244,8 @@ def supports_titans_update(x: Tensor, key_proj: Tensor, value_proj: Tensor, flat
     projections and the two-layer memory's flat weights and momentum (S, n), none of them
     needing a gradient."""
     return (supports_keys_values(x, key_proj, value_proj) and supports_memory(x, flat, hidden)
-            and momentum.shape == flat.shape and momentum.dtype == torch.float32
-            and momentum.device.type == "cpu" and not _needs_grad(flat, momentum))
+            and momentum.shape == flat.shape and _float32_cpu(momentum)
+            and not _needs_grad(flat, momentum))
 
 
 def titans_update(x: Tensor, key_proj: Tensor, value_proj: Tensor, flat: Tensor,
@@ -409,8 +412,8 @@ def query_memory(x: Tensor, linear: torch.nn.Linear, then_silu: bool, flat: Tens
     S, R, d = x.shape
     out = torch.empty_like(x)
     library().titans_mlp_query_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), int(then_silu),
-                                       flat.data_ptr(),
-                                       S, R, d, hidden, out.data_ptr(), torch.get_num_threads())
+                                       flat.data_ptr(), S, R, d, hidden, out.data_ptr(),
+                                       torch.get_num_threads())
     return out
 
 
@@ -418,8 +421,8 @@ def supports_keys_values(x: Tensor, *projections: Tensor) -> bool:
     """Whether the kernel can compute the reference keys and values of rows x (..., 16) with
     (16, 16) projections, none of them needing a gradient."""
     return (_kernel_can_take(x) and x.shape[-1] == ROW_WIDTH
-            and all(p.shape == (ROW_WIDTH, ROW_WIDTH) and p.dtype == torch.float32
-                    and p.device == x.device for p in projections)
+            and all(p.shape == (ROW_WIDTH, ROW_WIDTH) for p in projections)
+            and _float32_cpu(*projections)
             and not _needs_grad(x, *projections))
 
 
@@ -504,49 +507,46 @@ def library() -> ctypes.CDLL | None:
                       "TITANS_LIGHTNING_FUSED=0 to silence this.",
                       RuntimeWarning, stacklevel=2)
         return None
-    lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, ctypes.c_float,
-                                       _P, _P, ctypes.c_int, _P, _P, ctypes.c_float]
-    lib.titans_ffn_forward.restype = ctypes.c_int
+    lib.titans_ffn_forward.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _U64, _U32, _F32,
+                                       _P, _P, _INT, _P, _P, _F32]
+    lib.titans_ffn_forward.restype = _INT
     lib.titans_ffn_backward.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _U64, _U32, _P,
-                                        ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
-    lib.titans_ffn_backward.restype = ctypes.c_int
+                                        _F32, _P, _P, _P, _P, _INT]
+    lib.titans_ffn_backward.restype = _INT
     lib.titans_dropout_keep.argtypes = [_U64, _U32, _I64, _I64, _P]
     lib.titans_dropout_keep.restype = None
-    lib.titans_dropout_apply.argtypes = [_P, _I64, _U64, _U32, ctypes.c_float, _P, ctypes.c_int]
+    lib.titans_dropout_apply.argtypes = [_P, _I64, _U64, _U32, _F32, _P, _INT]
     lib.titans_dropout_apply.restype = None
     lib.titans_attention_supported.argtypes = [_I64, _I64]
     lib.titans_attention_padded.argtypes = [_I64]
     lib.titans_attention_padded.restype = _I64
     lib.titans_attention_forward.argtypes = [_P, _I64, _I64, _I64, _I64, _U64, _U32,
-                                             ctypes.c_float, _P, _P, ctypes.c_int]
+                                             _F32, _P, _P, _INT]
     lib.titans_attention_backward.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _U64, _U32,
-                                              ctypes.c_float, _P, ctypes.c_int]
-    lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P,
-                                              ctypes.c_int, _P, _P]
+                                              _F32, _P, _INT]
+    lib.titans_layer_norm_forward.argtypes = [_P, _P, _P, _P, _I64, _F32, _P, _INT, _P, _P]
     lib.titans_layer_norm_forward.restype = None
-    lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P,
-                                               ctypes.c_int]
+    lib.titans_layer_norm_backward.argtypes = [_P, _P, _P, _P, _I64, _F32, _P, _P, _P, _INT]
     lib.titans_layer_norm_backward.restype = None
-    lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int]
+    lib.titans_query_forward.argtypes = [_P, _P, _P, _I64, _INT, _P, _INT]
     lib.titans_query_forward.restype = None
-    lib.titans_keys_values_forward.argtypes = [_P, _P, _P, _I64, _P, _P, ctypes.c_int]
+    lib.titans_keys_values_forward.argtypes = [_P, _P, _P, _I64, _P, _P, _INT]
     lib.titans_keys_values_forward.restype = None
     lib.titans_mlp_supported.argtypes = [_I64, _I64]
-    lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_int]
-    lib.titans_mlp_forward.restype = ctypes.c_int
+    lib.titans_mlp_forward.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT]
+    lib.titans_mlp_forward.restype = _INT
     lib.titans_mlp_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P]
-    lib.titans_mlp_backward.restype = ctypes.c_int
-    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, ctypes.c_int]
-    lib.titans_mlp_recall.restype = ctypes.c_int
+    lib.titans_mlp_backward.restype = _INT
+    lib.titans_mlp_recall.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT]
+    lib.titans_mlp_recall.restype = _INT
     lib.titans_memory_commit.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P]
     lib.titans_memory_commit.restype = None
-    lib.titans_mlp_query_forward.argtypes = [_P, _P, _P, ctypes.c_int, _P, _I64, _I64, _I64, _I64,
-                                             _P, ctypes.c_int]
-    lib.titans_mlp_query_forward.restype = ctypes.c_int
-    _F = ctypes.c_float
-    lib.titans_update.argtypes = [_P, _P, _P, _P, _P, _F, _F, _F, _I64, _I64, _I64, _I64, _P, _P,
-                                  _P, _P, ctypes.c_int]
-    lib.titans_update.restype = ctypes.c_int
+    lib.titans_mlp_query_forward.argtypes = [_P, _P, _P, _INT, _P, _I64, _I64, _I64, _I64,
+                                             _P, _INT]
+    lib.titans_mlp_query_forward.restype = _INT
+    lib.titans_update.argtypes = [_P, _P, _P, _P, _P, _F32, _F32, _F32, _I64, _I64, _I64, _I64,
+                                  _P, _P, _P, _P, _INT]
+    lib.titans_update.restype = _INT
     return lib
 
 

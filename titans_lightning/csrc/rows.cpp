@@ -20,19 +20,6 @@ namespace {
 constexpr int D = V;  // one row is one vector
 constexpr int64_t SPLIT = 1024;  // rows from which the forward passes use the thread pool
 
-struct Row {
-  vf xhat;    // (x + r - mean) / std
-  float rstd;
-};
-
-inline Row normalize(const float* x, const float* r, float eps) {
-  const vf s = r ? load(x) + load(r) : load(x);
-  const float mean = hsum(s) * (1.0f / D);
-  const vf c = s - mean;
-  const float rstd = 1.0f / std::sqrt(hsum(c * c) * (1.0f / D) + eps);
-  return Row{c * rstd, rstd};
-}
-
 }  // namespace
 
 extern "C" {
@@ -87,7 +74,8 @@ void titans_layer_norm_backward(const float* x, const float* r, const float* w, 
     vf gw_acc = vf{}, gb_acc = vf{};
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      const Row n = normalize(x + i * D, r ? r + i * D : nullptr, eps);
+      const Standardized n = standardize(r ? load(x + i * D) + load(r + i * D) : load(x + i * D),
+                                         eps);
       const vf gi = load(g + i * D), gxhat = gi * wv;
       gw_acc += gi * n.xhat;
       gb_acc += gi;

@@ -95,13 +95,21 @@ inline float hsum(vf v) {
 #endif
 }
 
-// LayerNorm of one row s of V = 16 features: (s - mean) / sqrt(var + eps) * w + b.
-inline vf layer_norm(vf s, vf w, vf b, float eps) {
+// One row s of V = 16 features standardised: xhat = (s - mean) * rstd, rstd = 1 / sqrt(var + eps).
+struct Standardized {
+  vf xhat;
+  float rstd;
+};
+
+inline Standardized standardize(vf s, float eps) {
   const float mean = hsum(s) * (1.0f / V);
   const vf c = s - mean;
   const float rstd = 1.0f / std::sqrt(hsum(c * c) * (1.0f / V) + eps);
-  return c * rstd * w + b;
+  return Standardized{c * rstd, rstd};
 }
+
+// LayerNorm of one row s: xhat * w + b.
+inline vf layer_norm(vf s, vf w, vf b, float eps) { return standardize(s, eps).xhat * w + b; }
 
 // sigmoid(a) = 1 / (1 + exp(-a)); a NaN comes out finite, a * sigmoid(a) is NaN.
 #if defined(__AVX512F__)
