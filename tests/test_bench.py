@@ -1,4 +1,5 @@
-"""titans-bench: one tiny run end to end, skipping finished runs, and the rendered table."""
+"""titans-bench: tiny runs end to end (screening label, resume after a SIGKILL, failures), the
+rule that only full-protocol runs reach the table, and the rendered table."""
 import json
 from pathlib import Path
 
@@ -6,30 +7,112 @@ import pytest
 
 from titans_lightning import bench
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-        "--model.dim_feedforward=8", "--trainer.callbacks=[]"]
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+CHECKPOINTS_ONLY = json.dumps([{  # the shipped configs' checkpoint callback, no figures
+    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "init_args": {"monitor": "val/mse", "mode": "min", "save_top_k": 1, "save_last": True}}])
+TINY = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1", "--model.dim_feedforward=8",
+        f"--trainer.callbacks={CHECKPOINTS_ONLY}"]
+needs_arrays = pytest.mark.skipif(not (SHARED / "sinwave").is_dir(),
+                                  reason="published arrays not found")
 
 
-@pytest.mark.skipif(not (SHARED / "sinwave").is_dir(), reason="published arrays not found")
-def test_one_run_writes_a_result_skips_when_done_and_renders(tmp_path, capsys):
-    argv = ["--strategies", "titans_default", "--benchmarks", "sinwave", "--seeds", "3",
-            "--threads", "1", "--accelerator", "cpu", "--out", str(tmp_path), "--", *TINY]
+def bench_args(out: Path, *extra: str, seed: int = 3) -> list[str]:
+    return ["--strategies", "titans_default", "--benchmarks", "sinwave", "--seeds", str(seed),
+            "--threads", "1", "--accelerator", "cpu", "--out", str(out), "--label", "tiny",
+            "--", *TINY, *extra]
+
+
+@needs_arrays
+def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp_path, capsys):
+    argv = bench_args(tmp_path, "--trainer.max_epochs=2")
     bench.main(argv)
-    result = tmp_path / "results" / "sinwave__titans_default__shared__default__seed3.json"
-    record = json.loads(result.read_text())
-    for key in ("strategy", "benchmark", "memory_scope", "protocol", "seed", "best_epoch",
-                "val_mse", "test_mse", "wall_s", "device", "commit", "config"):
+    name = "sinwave__titans_default__shared__reference-order__default-protocol__seed3"
+    record = json.loads((tmp_path / "screening" / "tiny" / f"{name}.json").read_text())
+    assert not (tmp_path / "results").exists()  # never among the full-protocol records
+    for key in ("strategy", "benchmark", "memory_scope", "mac_order", "protocol", "seed",
+                "best_epoch", "val_mse", "test_mse", "wall_s", "device", "commit", "config",
+                "fit_args", "extra_args", "attempts", "label", "status"):
         assert key in record, key
+    assert record["status"] == "ok" and record["label"] == "tiny"
     assert record["seed"] == 3 and record["config"]["seed_everything"] == 3
     assert record["config"]["data"]["init_args"]["data_dir"].endswith("sinwave")
+    assert record["fit_args"][0] == "fit" and record["fit_args"][-len(TINY) - 1:-1] == TINY
+    assert record["extra_args"] == [*TINY, "--trainer.max_epochs=2"]
+    assert [a["exit"] for a in record["attempts"]] == [0]
     assert 0 < record["test_mse"] < 10
+    out = capsys.readouterr().out
+    assert f"{name}: epoch 0/1" in out and "ETA" in out  # progress, a line per epoch
     bench.main(argv)
     assert "done already" in capsys.readouterr().out
     table = (tmp_path / "RESULTS.md").read_text()
-    assert f"{record['test_mse']:.4f} (1 seed)" in table
+    ours = table.split("## Our runs")[1].split("## Published")[0]
+    assert "(no finished run yet)" in ours
+    assert f"{record['test_mse']:.4f}" in table.split("## Screening runs")[1]
     assert "| titans_default | 0.019 | 0.051 | 0.032 |" in table
+
+
+@needs_arrays
+def test_a_run_killed_mid_epoch_resumes_in_its_folder_and_counts_both_attempts(tmp_path, capsys):
+    straight_out = tmp_path / "straight"
+    bench.main(bench_args(straight_out, "--trainer.max_epochs=3"))
+    kill = json.dumps({"class_path": "tests.kill_switch.KillAt",
+                       "init_args": {"step": 3, "once": str(tmp_path / "killed")}})
+    argv = bench_args(tmp_path / "killed_run", "--trainer.max_epochs=3",
+                      f"--trainer.callbacks+={kill}")
+    with pytest.raises(SystemExit) as failed:  # the first attempt is killed: exit 1
+        bench.main(argv)
+    assert failed.value.code == 1
+    assert "FAILED (exit -9)" in capsys.readouterr().out
+    bench.main(argv)
+    (straight,) = (straight_out / "screening" / "tiny").glob("*.json")
+    (killed,) = (tmp_path / "killed_run" / "screening" / "tiny").glob("*.json")
+    straight, killed = json.loads(straight.read_text()), json.loads(killed.read_text())
+    assert [a["exit"] for a in killed["attempts"]] == [-9, 0]
+    assert killed["attempts"][1]["resumed_from"].endswith("version_0/checkpoints/last.ckpt")
+    runs = list((tmp_path / "killed_run" / "runs").glob("tiny/*/sinwave/version_*"))
+    assert [p.name for p in runs] == ["version_0"]
+    assert killed["wall_s"] == pytest.approx(sum(a["wall_s"] for a in killed["attempts"]), abs=0.2)
+    for key in ("best_epoch", "val_mse", "test_mse"):
+        assert killed[key] == pytest.approx(straight[key], rel=1e-6), key
+
+
+def test_extra_fit_arguments_need_a_label(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--", "--trainer.max_epochs=2"])
+    assert "give them a --label" in capsys.readouterr().err
+
+
+@needs_arrays
+def test_a_failed_run_makes_the_runner_exit_non_zero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as failed:
+        bench.main(bench_args(tmp_path, "--trainer.max_epochs=1", "--model.nhead=3"))
+    assert failed.value.code == 1
+    out = capsys.readouterr().out
+    assert "FAILED (exit 1)" in out and "1 failed" in out
+    assert not list(tmp_path.glob("screening/tiny/*.json"))
+
+
+def test_the_table_shows_full_protocol_records_by_strategy_options_scope_and_order(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for seed, mse in ((0, 0.02), (1, 0.03)):
+        record = {"strategy": "meta_nlms", "strategy_options": {"theta": 0.5},
+                  "memory_scope": "per_sequence", "mac_order": "causal", "protocol": "default",
+                  "benchmark": "weather", "seed": seed, "test_mse": mse}
+        (results / f"{seed}.json").write_text(json.dumps(record))
+    table = bench.render(tmp_path).read_text()
+    assert "| meta_nlms (theta=0.5) | per_sequence | causal | default | — | " \
+           "0.0250 ± 0.0071 (2 seeds) | — |" in table
+
+
+def test_run_names_say_everything_that_tells_runs_apart():
+    name = bench.run_name("sinwave", "meta_nlms", "per_sequence", "causal", "default", 2,
+                          {"theta": 0.5, "clip": 1e9})
+    assert name == ("sinwave__meta_nlms+clip1000000000.0_theta0.5__per_sequence__causal-order__"
+                    "default-protocol__seed2")
 
 
 def test_resume_picks_the_newest_last_checkpoint(tmp_path):

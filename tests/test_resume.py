@@ -1,12 +1,20 @@
-"""A fit stopped after one epoch and resumed from last.ckpt ends exactly where an uninterrupted
-fit ends: same outer parameters, same memory fast weights and strategy state, same optimiser."""
+"""Resuming a fit: exactly where an uninterrupted fit would be, in the same run folder, with the
+same best epoch and test MSE, also after a SIGKILL mid-epoch or during the final test."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from titans_lightning.cli import TitansCLI
+
+REPO = Path(__file__).resolve().parents[1]
+FIVE_EPOCHS = ["--trainer.max_epochs", "5"]  # tiny run: best val/mse at epoch 2, then worse
 
 
 def last_checkpoint(cli: TitansCLI) -> dict:
@@ -39,3 +47,63 @@ def test_resumed_fit_matches_an_uninterrupted_one(tiny_sinwave, in_tmp):
     for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"]):
         for param in a["state"]:
             assert_same_tensors(a["state"][param], b["state"][param])
+
+
+def killed_fit(args: list[str], kill: str) -> subprocess.CompletedProcess:
+    """``titans fit`` in a child process that SIGKILLs itself (``kill``: KillAt's init_args)."""
+    callback = json.dumps({"class_path": "tests.kill_switch.KillAt", "init_args": json.loads(kill)})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "titans_lightning.cli", "fit", *args,
+         f"--trainer.callbacks+={callback}"],
+        capture_output=True, text=True, timeout=600, env=env)
+
+
+def result_of(cli: TitansCLI) -> dict:
+    return json.loads((Path(cli.trainer.log_dir) / "result.json").read_text())
+
+
+@pytest.mark.parametrize("kill", ['{"step": 13}', '{"at_test": true}'],
+                         ids=["mid-epoch", "during-final-test"])
+def test_a_killed_fit_resumes_in_its_folder_and_reports_what_an_uninterrupted_one_does(
+        tiny_sinwave, in_tmp, kill):
+    straight = result_of(TitansCLI(["fit", *tiny_sinwave, *FIVE_EPOCHS]))  # version_0
+    assert straight["best_epoch"] == 2  # so that a lost best score would test epoch 3 or 4
+
+    run = killed_fit([*tiny_sinwave, *FIVE_EPOCHS], kill)  # version_1, killed
+    assert run.returncode == -9, run.stderr[-2000:]
+    folder = in_tmp / "logs" / "sinwave" / "version_1"
+    assert not (folder / "result.json").exists()
+    resumed_cli = TitansCLI(["fit", *tiny_sinwave, *FIVE_EPOCHS,
+                             "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
+
+    assert Path(resumed_cli.trainer.log_dir).resolve() == folder.resolve()
+    assert sorted(p.name for p in (in_tmp / "logs" / "sinwave").iterdir()) == \
+        ["version_0", "version_1"]
+    resumed = result_of(resumed_cli)
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    assert resumed["val_mse"] == pytest.approx(straight["val_mse"], rel=1e-6)
+    assert resumed["test_mse"] == pytest.approx(straight["test_mse"], rel=1e-6)
+    assert resumed["status"] == "ok"
+    # the record's wall time counts the killed attempt's epochs too (up to its last checkpoint)
+    assert resumed["wall_s"] > torch.load(folder / "checkpoints" / "last.ckpt",
+                                          weights_only=True)["fit_wall_s"] > 0
+
+
+def test_a_resume_finds_its_best_score_after_the_run_folder_moved(tiny_sinwave, in_tmp):
+    TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "3"])
+    (in_tmp / "logs").rename(in_tmp / "moved")
+    cli = TitansCLI(["fit", *tiny_sinwave, *FIVE_EPOCHS, "--ckpt_path",
+                     "moved/sinwave/version_0/checkpoints/last.ckpt"])
+    callback = cli.trainer.checkpoint_callback
+    assert Path(callback.dirpath).resolve() == (in_tmp / "moved/sinwave/version_0/checkpoints")
+    assert result_of(cli)["best_epoch"] == 2
+    assert Path(callback.best_model_path).parent == Path(callback.dirpath)
+
+
+def test_resuming_needs_the_checkpoint_in_its_run_folder(tiny_sinwave, in_tmp):
+    first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
+    loose = in_tmp / "loose.ckpt"
+    loose.write_bytes(Path(first.trainer.checkpoint_callback.last_model_path).read_bytes())
+    with pytest.raises(ValueError, match="RUN/checkpoints/NAME.ckpt"):
+        TitansCLI(["fit", *tiny_sinwave, "--ckpt_path", str(loose)])

@@ -5,17 +5,25 @@
     titans predict --config configs/sinwave.yaml --ckpt_path PATH   # writes predictions.csv
 
 ``fit`` ends by testing the best-validation checkpoint and writing ``result.json`` into the run's
-log directory (keys in :mod:`titans_lightning.results`).
+log directory (keys in :mod:`titans_lightning.results`). ``fit --ckpt_path RUN/checkpoints/X.ckpt``
+resumes that run: it continues in the same folder ``RUN`` (same logger version), with the
+checkpoint callback's best score, so the epoch tested at the end is the one an uninterrupted fit
+would have tested. With the progress bar off, every epoch prints one line (epoch, losses, best
+validation MSE, time per epoch and ETA).
 """
 from __future__ import annotations
 
 import json
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from torch import Tensor
 
 from .module import TitansForecaster
 from .results import PredictionWriter, device_name, git_commit, write_result
@@ -42,8 +50,14 @@ class TitansCLI(LightningCLI):
         parser.link_arguments("model.context_window", "data.init_args.context_window",
                               apply_on="parse")
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit" and self.config.fit.ckpt_path:
+            continue_in_run_folder(self.config.fit, self.config.fit.ckpt_path)
+
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
+        if self.trainer.progress_bar_callback is None:
+            self.trainer.callbacks.append(EpochLine())
 
     def after_fit(self) -> None:
         """Test the best-validation checkpoint and write ``result.json``."""
@@ -66,13 +80,19 @@ class TitansCLI(LightningCLI):
 
     def fit_result(self, scores: dict[str, float], best_path: str) -> dict[str, Any]:
         checkpoint = self.trainer.checkpoint_callback
-        monitors_val_mse = best_path and checkpoint.monitor == "val/mse"
+        monitors_val_mse = bool(best_path) and checkpoint.monitor == "val/mse"
+        if monitors_val_mse and checkpoint.best_model_score is None:
+            raise RuntimeError(
+                f"the checkpoint callback has a best checkpoint ({best_path}) but no best "
+                "val/mse: its state was not restored, so the tested epoch cannot be trusted")
         hparams = self.model.hparams
         return {
             "config": self.config_as_dict(),
             "commit": git_commit(),
             "seed": self.config["fit"]["seed_everything"],
-            "wall_s": round(time.perf_counter() - self.fit_started, 3),
+            # this attempt, plus the attempts before it up to the checkpoint it resumed from
+            "wall_s": round(self.model.earlier_fit_wall_s
+                            + time.perf_counter() - self.fit_started, 3),
             "best_epoch": checkpoint_epoch(best_path) if best_path else None,
             "val_mse": float(checkpoint.best_model_score) if monitors_val_mse else None,
             "test_mse": scores["test/mse"],
@@ -99,6 +119,86 @@ class TitansCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionWriter) and self.trainer.is_global_zero:
                 print(f"predictions: {callback.path}")
+
+
+def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
+    """Point the loggers of a parsed ``fit`` config at the run folder of ``ckpt_path``.
+
+    Checkpoints live in ``RUN/checkpoints/``; the resumed fit logs to ``RUN`` again (same
+    ``save_dir``, ``name`` and ``version``), so its checkpoint callback finds its own folder and
+    keeps its best score. Lightning's special paths (``last``, ``best``, ...) and remote URLs
+    are left alone.
+    """
+    path = Path(ckpt_path)
+    if "://" in ckpt_path or path.suffix != ".ckpt":
+        return
+    if path.parent.name != "checkpoints":
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: a fit resumes the run a checkpoint belongs to, so the "
+            "checkpoint must be in its run folder, RUN/checkpoints/NAME.ckpt (where `titans fit` "
+            "saves it); to start a new run from these weights, load them in Python instead")
+    run = path.parent.parent
+    loggers = config.trainer.logger
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and "save_dir" in init_args:
+            init_args.save_dir = str(run.parent.parent)
+            init_args.name = run.parent.name
+            init_args.version = run.name
+
+
+class EpochLine(Callback):
+    """One line per epoch, for runs without a progress bar (logs, batch jobs, ``titans-bench``).
+
+    ``epoch 3/19  train/loss 0.021300  val/mse 0.021000  best 0.020100  98 s/epoch  ETA 27 min``
+
+    The best validation MSE is the checkpoint callback's (so it survives a resume), including
+    this epoch's. The training loss is the mean over the epoch's batches, summed on the device
+    and read once per epoch.
+    """
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first_epoch: int | None = None
+        self.loss_sum: Tensor | float = 0.0
+        self.batches = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = trainer.current_epoch
+            self.started = time.perf_counter()
+        self.loss_sum, self.batches = 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.loss_sum = self.loss_sum + loss.detach()
+            self.batches += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.first_epoch is None:
+            return
+        print(self.line(trainer), flush=True)
+
+    def line(self, trainer: L.Trainer) -> str:
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs - 1 if (trainer.max_epochs or 0) > 0 else None
+        parts = [f"epoch {epoch}/{'?' if last is None else last}"]
+        if self.batches:
+            parts.append(f"train/loss {float(self.loss_sum) / self.batches:.6f}")
+        val = trainer.callback_metrics.get("val/mse")
+        if val is not None:
+            parts.append(f"val/mse {float(val):.6f}")
+        checkpoint = trainer.checkpoint_callback
+        scores = [float(v) for v in (getattr(checkpoint, "best_model_score", None), val)
+                  if v is not None and getattr(checkpoint, "monitor", None) == "val/mse"]
+        if scores:
+            parts.append(f"best {min(scores):.6f}")
+        per_epoch = (time.perf_counter() - self.started) / (epoch - self.first_epoch + 1)
+        parts.append(f"{per_epoch:.0f} s/epoch")
+        if last is not None and last >= epoch:
+            parts.append(f"ETA {per_epoch * (last - epoch) / 60:.0f} min")
+        return "  ".join(parts)
 
 
 def checkpoint_epoch(path: str) -> int:

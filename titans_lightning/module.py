@@ -19,7 +19,9 @@ computes the same memory and the same metrics, which are therefore not synchroni
 """
 from __future__ import annotations
 
+import os
 import random
+import time
 from typing import Any
 
 import lightning as L
@@ -113,6 +115,9 @@ class TitansForecaster(L.LightningModule):
         # in their on_*_batch_end hooks (which Lightning calls before the module's own).
         self.memory_stats: list[dict[str, Tensor]] = []
         self._memory_before_sanity_check: dict[str, Tensor] | None = None
+        # wall time of the fit attempts before this one, up to the checkpoint it resumed from
+        self.earlier_fit_wall_s = 0.0
+        self._attempt_started = time.perf_counter()
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(inputs)
@@ -179,6 +184,7 @@ class TitansForecaster(L.LightningModule):
             keep_buffers_local(self.trainer.strategy)  # before Lightning wraps the model in DDP
 
     def on_fit_start(self) -> None:
+        self._attempt_started = time.perf_counter()
         broadcast_memory(self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -229,13 +235,48 @@ class TitansForecaster(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
     # The memory (fast weights, strategy state) is made of buffers, so it is in every state_dict.
     # The random generators are saved too, so that a resumed fit continues exactly.
+    # The fit's wall time so far is saved too, so that a resumed run's record counts every attempt.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = capture_rng_states()
+        checkpoint["fit_wall_s"] = self.earlier_fit_wall_s + time.perf_counter() \
+            - self._attempt_started
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         resuming_fit = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
-        if resuming_fit and "rng_states" in checkpoint:
+        if not resuming_fit:
+            return
+        if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+        self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
+        follow_checkpoint_folders(self._trainer, checkpoint)
+
+
+def follow_checkpoint_folders(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Let each ModelCheckpoint of a resumed fit keep its best score, wherever the run folder is.
+
+    Lightning restores ``best_model_score`` (and the top-k bookkeeping) only when the saved
+    ``dirpath`` is the same string as the callback's current one; otherwise the first validation
+    after the resume becomes "best" and the wrong epoch is tested. The ``titans`` CLI resumes in
+    the checkpoint's own folder, so the paths differ only in spelling (relative, absolute) or
+    because the folder was moved. The saved state is pointed at the current folder: its files
+    are used there where they exist, and kept where they were otherwise.
+    """
+    states = checkpoint.get("callbacks", {})
+    for callback in trainer.checkpoint_callbacks:
+        state = states.get(callback.state_key)
+        if not state or callback.dirpath is None or state.get("dirpath") == callback.dirpath:
+            continue
+
+        def here(path: str, new_dir: str = str(callback.dirpath)) -> str:
+            moved = os.path.join(new_dir, os.path.basename(path)) if path else path
+            return moved if path and os.path.isfile(moved) else path
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = here(state[key])
+        if "best_k_models" in state:
+            state["best_k_models"] = {here(p): v for p, v in state["best_k_models"].items()}
+        state["dirpath"] = callback.dirpath
 
 
 def restore_buffers(module: nn.Module, buffers: dict[str, Tensor]) -> None:

@@ -2,14 +2,18 @@
 
 ``result.json`` (written after ``titans fit``): one record per run, easy to collect into a table::
 
+    status      ``ok``, or ``nonfinite`` when a score is NaN or infinite (written as null)
     config      the full parsed configuration (dict)
     commit      ``git rev-parse HEAD`` of the package's checkout, or null
     seed        the seed the run was started with
-    wall_s      seconds from the start of fit to the end of the test
+    wall_s      seconds from the start of fit to the end of the test; for a resumed fit, with the
+                earlier attempts' time up to the checkpoint it resumed from
     best_epoch  epoch of the tested checkpoint (the best validation MSE), or null
     val_mse     best validation MSE, or null when checkpoints did not monitor ``val/mse``
     test_mse, test_mae   scores of that checkpoint on the test split
     strategy, memory_scope, device
+
+The file is strict JSON: a NaN or infinite number is written as null.
 
 ``predictions.csv`` (written by ``titans predict``): one row per sequence and target position,
 columns ``sequence, position, prediction, target, valid``. ``position`` p is the time step of the
@@ -19,6 +23,7 @@ had a full context window (an invalid row has no prediction).
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -57,10 +62,26 @@ def device_name(trainer: L.Trainer) -> str:
 
 
 def write_result(log_dir: str | Path, result: dict[str, Any]) -> Path:
+    """Write ``result.json`` (strict JSON, with its ``status``) into ``log_dir``."""
+    finite, record = finite_json(result)
+    record = {"status": "ok" if finite else "nonfinite", **record}
     path = Path(log_dir) / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
+
+
+def finite_json(value: Any) -> tuple[bool, Any]:
+    """``value`` with every NaN or infinite float replaced by None, and whether none was."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False, None
+    if isinstance(value, dict):
+        items = [(k, *finite_json(v)) for k, v in value.items()]
+        return all(ok for _, ok, _ in items), {k: v for k, _, v in items}
+    if isinstance(value, (list, tuple)):
+        items = [finite_json(v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return True, value
 
 
 def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
@@ -81,7 +102,9 @@ def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.csv`` (see the module docstring) into the trainer's log directory.
+    """Writes The file is strict JSON: a NaN or infinite number is written as null.
+
+``predictions.csv`` (see the module docstring) into the trainer's log directory.
 
     The ``titans predict`` command adds one when the config has none.
 
