@@ -97,6 +97,14 @@ def _check_one(split: SplitArray, n_channels: int, context_window: int) -> None:
             f"{source}: contains {n_bad} NaN/inf value(s); remove or fill them and re-create "
             "the file"
         )
+    # The model reads float32: a finite float64 beyond its range would become inf there.
+    n_overflow = int(np.size(array) - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+    if n_overflow:
+        raise ValueError(
+            f"{source}: {n_overflow} value(s) exceed float32's range (|x| > "
+            f"{np.finfo(np.float32).max:.3g}) and would become inf in the float32 the model "
+            "reads; rescale the data (e.g. z-normalise it) and re-create the file"
+        )
 
 
 def _check_consistent(splits: dict[str, SplitArray]) -> None:

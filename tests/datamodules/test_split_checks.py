@@ -25,6 +25,12 @@ def with_nan(d: int) -> dict[str, np.ndarray]:
     return splits
 
 
+def with_float32_overflow(d: int) -> dict[str, np.ndarray]:
+    splits = good_splits(d)  # float64: finite here, inf in the float32 the model reads
+    splits["test"][1, 7, 0] = 1e39
+    return splits
+
+
 def with_wrong_rank(d: int) -> dict[str, np.ndarray]:
     splits = good_splits(d)
     splits["valid"] = splits["valid"][:, :, 0]
@@ -45,6 +51,7 @@ def with_wrong_channels(d: int) -> dict[str, np.ndarray]:
 
 BAD_SPLITS = {
     "nan": (with_nan, r"train\.npy: contains 4 NaN/inf value\(s\)"),
+    "float32 overflow": (with_float32_overflow, r"test\.npy: 1 value\(s\) exceed float32's range"),
     "rank": (with_wrong_rank, r"valid\.npy: array has shape \(2, 40\) \(rank 2\) but must be 3-D"),
     "short": (
         with_short_sequences,
