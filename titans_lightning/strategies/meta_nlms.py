@@ -30,7 +30,7 @@ DIFFERENTIABLE = True
 DEFAULTS = {"theta": 0.1, "eta": 0.5, "alpha": 0.999, "clip": 1.0}
 
 
-def _logit(p):
+def logit(p):
     return math.log(p / (1.0 - p))
 
 
@@ -39,20 +39,34 @@ def init_memory_state(memory, emb_dim):
     register_projections(memory, emb_dim, learnable=True)
     memory.register_state("theta_raw", torch.tensor(math.log(math.expm1(opt["theta"]))),
                           learnable=True)
-    memory.register_state("eta_raw", torch.tensor(_logit(opt["eta"])), learnable=True)
-    memory.register_state("alpha_raw", torch.tensor(_logit(opt["alpha"])), learnable=True)
+    memory.register_state("eta_raw", torch.tensor(logit(opt["eta"])), learnable=True)
+    memory.register_state("alpha_raw", torch.tensor(logit(opt["alpha"])), learnable=True)
     memory.register_state("momentum", torch.zeros_like(memory.fast_weights), per_slot=True)
     memory.learn_initial_weights()
 
 
 def apply_update(memory, grads, surprise):
     clip = memory.options.get("clip", DEFAULTS["clip"])
-    g = memory.flatten(grads)  # (S, n)
-    g = g * (clip / (g.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
-    theta = F.softplus(memory.state["theta_raw"])
-    eta = torch.sigmoid(memory.state["eta_raw"])
-    alpha = torch.sigmoid(memory.state["alpha_raw"])
+    g = clip_norm(memory.flatten(grads), clip)  # (S, n)
+    return memory.unflatten(anchored_step(memory, memory.fast_weights, g, *learned_rates(memory)))
+
+
+def clip_norm(g, clip):
+    """Per slot, ``g * min(1, clip / |g|)`` for flat gradients (S, n)."""
+    return g * (clip / (g.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+
+
+def learned_rates(memory):
+    """theta = softplus, eta and alpha = sigmoid of their learned raw values (scalars)."""
+    return (F.softplus(memory.state["theta_raw"]), torch.sigmoid(memory.state["eta_raw"]),
+            torch.sigmoid(memory.state["alpha_raw"]))
+
+
+def anchored_step(memory, w, g, theta, eta, alpha):
+    """One momentum step decaying toward the start: assigns ``S <- eta S - theta g`` and returns
+    ``w0 + alpha (w - w0) + S`` for flat weights w and gradients g (S, n); the rates are scalars
+    or one per slot (S, 1)."""
     momentum = eta * memory.state["momentum"] - theta * g
     memory.state["momentum"] = momentum
     start = memory.initial_weights  # (1, n)
-    return memory.unflatten(start + alpha * (memory.fast_weights - start) + momentum)
+    return start + alpha * (w - start) + momentum
