@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused
-from .strategy import USER_MODULE_PREFIX, load_strategy
+from .strategy import USER_MODULE_PREFIX, StrategyError, load_strategy, probing
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
 
@@ -223,13 +223,20 @@ class NeuralMemory(nn.Module):
 
     # -- the update -----------------------------------------------------------------------------
     def update(self, x: Tensor) -> Tensor:
-        """One memory update from a chunk of layer outputs ``x`` (S, R, d); returns the surprise."""
+        """One memory update from a chunk of layer outputs ``x`` (S, R, d); returns the surprise.
+
+        Slots whose surprise, gradient, new weights or new strategy state are not all finite keep
+        their old weights and state (a non-finite state that is not per slot rolls back every
+        slot). A strategy that breaks the contract (wrong shapes, missing weights, in-place edits
+        of the weights, state or gradients) stops the run with a :class:`StrategyError`.
+        """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "the neural memory learns at test time and needs autograd, which inference mode "
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
         old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
+        versions = [t._version for t in (old, *old_state.values())]  # in-place edits bump them
         self._now.gate = None  # what fused_update reports, if it runs
         x = x.detach()
         fast = self._fused_update(x)
@@ -240,11 +247,71 @@ class NeuralMemory(nn.Module):
             if self.reduce is not None:
                 surprise, grads = self.reduce(surprise, grads, x.shape[1])
             self._now.gate = None  # only apply_update reports the gate
-            new = self.flatten(self.strategy.apply_update(self, self.unflatten(grads), surprise))
-        ok, self._buffers["fast_weights"] = self._checked(surprise, grads, new, old)
+            new = self._apply_update(grads, surprise)
+        if versions != [t._version for t in (old, *old_state.values())]:
+            raise self._broke("the update", "changed the fast weights or the strategy state in "
+                              "place; assign new tensors instead (memory.state[name] = new, and "
+                              "return the new weights from apply_update)")
+        check = _detached(surprise) + self._state_flag(old_state)  # NaN where the state is not
+        ok, self._buffers["fast_weights"] = self._checked(check, grads, new, old)
         self._commit_state(old_state, ok)
         self._record(surprise, grads, old, ok)
         return surprise
+
+    def _broke(self, where: str, how: str) -> StrategyError:
+        return StrategyError(f"memory strategy {self._strategy_spec!r} broke the contract in "
+                             f"{where}: it {how}")
+
+    def _call(self, name: str, *args: Any) -> Any:
+        """A strategy function, with its errors named after the strategy and the function."""
+        try:
+            return getattr(self.strategy, name)(self, *args)
+        except StrategyError:
+            raise
+        except Exception as error:
+            if probing():  # the probe names the function and the call itself
+                raise
+            raise self._broke(name, f"raised {type(error).__name__}: {error}") from error
+
+    def _apply_update(self, grads: Tensor, surprise: Tensor) -> Tensor:
+        """The strategy's new weights, flat (S, n_weights), after checking what it returned."""
+        version = grads._version
+        new = self._call("apply_update", self.unflatten(grads), surprise)
+        if grads._version != version:
+            raise self._broke("apply_update", "changed `grads` in place; read them, and compute "
+                              "new tensors from them")
+        if not isinstance(new, Mapping):
+            raise self._broke("apply_update", f"returned a {type(new).__name__}, not the dict "
+                              f"of new weights {list(self.weight_names)}")
+        missing = [n for n in self.weight_names if n not in new]
+        if missing:
+            raise self._broke("apply_update", f"returned no weight(s) {missing}; it must return "
+                              f"every weight of {list(self.weight_names)}")
+        if not (isinstance(new, _FlatViews) and new.unchanged()):
+            for name, shape in zip(self.weight_names, self._shapes):
+                got = tuple(getattr(new[name], "shape", ()))
+                if got != (self.n_slots, *shape):
+                    raise self._broke("apply_update", f"returned {name!r} of shape {got}, "
+                                      f"expected {(self.n_slots, *shape)} (slots first)")
+        return self.flatten(new)
+
+    def _state_flag(self, old_state: dict[str, Tensor]) -> Tensor | float:
+        """Per slot (S,), 0 where the strategy's new state is finite and NaN where it is not;
+        state that is not per slot flags every slot. Only replaced tensors are checked."""
+        flag: Tensor | float = 0.0
+        for name, before in old_state.items():
+            after = self.strategy_state._buffers[name]
+            if after is before or not after.is_floating_point():
+                continue
+            if name in self._per_slot:
+                if after.dim() == 0 or after.shape[0] != self.n_slots:
+                    raise self._broke("apply_update", f"set the per-slot state {name!r} to shape "
+                                      f"{tuple(after.shape)}: its first dimension must be the "
+                                      f"{self.n_slots} slot(s)")
+                flag = flag + after.detach().reshape(self.n_slots, -1).mul(0).sum(1)
+            else:
+                flag = flag + after.detach().mul(0).sum()
+        return flag
 
     def _checked(self, surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor
                  ) -> tuple[Tensor, Tensor]:
@@ -274,15 +341,24 @@ class NeuralMemory(nn.Module):
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         keep_graph = self.differentiable and torch.is_grad_enabled()
         with torch.enable_grad():
-            keys, values = self.strategy.compute_keys_values(self, x)
+            keys, values = self._keys_values(x)
             leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
             self._buffers["fast_weights"] = leaf  # the strategy's surprise reads the leaf
             try:
                 self._now.recalled = None
-                surprise = self.strategy.compute_surprise(self, keys, values)
+                surprise = self._call("compute_surprise", keys, values)
+                if not isinstance(surprise, Tensor) or surprise.shape != (self.n_slots,):
+                    got = tuple(surprise.shape) if isinstance(surprise, Tensor) else \
+                        type(surprise).__name__
+                    raise self._broke("compute_surprise", f"returned {got}, expected one loss per "
+                                      f"slot, shape ({self.n_slots},)")
                 recalled = self._now.recalled
                 if recalled is not None and recalled[0] is surprise:
                     grads = recalled[1]  # recall_error computed it with the surprise
+                elif not surprise.requires_grad:
+                    raise self._broke("compute_surprise", "returned a surprise that does not "
+                                      "depend on the fast weights; compute it through "
+                                      "memory.retrieve(keys) or memory.recall_error(keys, values)")
                 else:
                     (grads,) = torch.autograd.grad(surprise.sum(), [leaf], allow_unused=True,
                                                    create_graph=keep_graph)
@@ -291,6 +367,21 @@ class NeuralMemory(nn.Module):
                 self._now.recalled = None
         grads = torch.zeros_like(old) if grads is None else grads
         return (surprise, grads) if keep_graph else (surprise.detach(), grads)
+
+    def _keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pair = self._call("compute_keys_values", x)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and all(isinstance(t, Tensor) for t in pair)):
+            raise self._broke("compute_keys_values", "did not return a (keys, values) pair of "
+                              "tensors")
+        keys, values = pair
+        S, R = x.shape[:2]
+        if keys.dim() != 3 or values.dim() != 3 or keys.shape[:2] != (S, R) \
+                or values.shape[:2] != (S, R):
+            raise self._broke("compute_keys_values", f"returned keys {tuple(keys.shape)} and "
+                              f"values {tuple(values.shape)} for a chunk {tuple(x.shape)}; both "
+                              f"must be ({S}, {R}, width)")
+        return keys, values
 
     def _commit_state(self, old_state: dict[str, Tensor], ok: Tensor) -> None:
         for name, old in old_state.items():

@@ -90,6 +90,11 @@ class StrategyError(ValueError):
     """A strategy could not be loaded or does not honour the four-function contract."""
 
 
+def probing() -> bool:
+    """Whether the strategy probe is running (its own wrapper names what failed)."""
+    return _probing.get()
+
+
 def builtin_strategies() -> tuple[str, ...]:
     """Names of the built-in strategies: the modules of :mod:`titans_lightning.strategies`."""
     from . import strategies

@@ -1,0 +1,177 @@
+"""What the harness checks at run time, after the construction probe passed: a rule that breaks
+the contract only sometimes is stopped with a StrategyError naming the rule, the function and
+what was wrong; a non-finite strategy state is rolled back with the rest of the update."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from titans_lightning import NeuralMemory, StrategyError
+from titans_lightning.strategies import titans_default
+
+FUNCTIONS = ("init_memory_state", "compute_keys_values", "compute_surprise", "apply_update")
+
+
+def rule(**breakages):
+    """The default rule, where each given function misbehaves once ``rule.broken`` is set (after
+    the probe): ``breakages[name](memory, *args, fine=<the default function>)``."""
+    funcs = {name: getattr(titans_default, name) for name in FUNCTIONS}
+    module = types.SimpleNamespace(__name__="flaky_rule", broken=False)
+
+    def sometimes(name, broken):
+        fine = funcs[name]
+        return lambda memory, *args: (broken(memory, *args, fine=fine) if module.broken
+                                      else fine(memory, *args))
+
+    for name, broken in breakages.items():
+        funcs[name] = sometimes(name, broken)
+    vars(module).update(funcs)
+    return module
+
+
+def broken_memory(slots: int = 1, **breakages) -> NeuralMemory:
+    torch.manual_seed(0)
+    strategy = rule(**breakages)
+    memory = NeuralMemory(strategy=strategy)
+    if slots > 1:
+        memory.start_sequences(slots)
+    memory.update(torch.randn(slots, 8, 16))  # fine
+    strategy.broken = True
+    return memory
+
+
+def snapshot(memory: NeuralMemory) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in memory.state_dict().items()}
+
+
+def test_a_non_finite_per_slot_state_rolls_back_only_its_slot():
+    def inf_momentum_in_slot_1(memory, grads, surprise, fine):
+        new = fine(memory, grads, surprise)
+        momentum = memory.state["momentum"].clone()
+        momentum[1] = float("inf")
+        memory.state["momentum"] = momentum
+        return new
+
+    memory = broken_memory(slots=3, apply_update=inf_momentum_in_slot_1)
+    before = snapshot(memory)
+    memory.update(torch.randn(3, 8, 16))
+    after = memory.state_dict()
+    moved = (after["fast_weights"] != before["fast_weights"]).any(dim=1)
+    assert moved.tolist() == [True, False, True]
+    momentum = after["strategy_state.momentum"]
+    assert torch.isfinite(momentum).all()
+    assert torch.equal(momentum[1], before["strategy_state.momentum"][1])
+    assert int(memory.skipped_updates) == 1
+
+
+def test_a_non_finite_shared_state_rolls_back_every_slot():
+    def inf_counter(memory, grads, surprise, fine):
+        memory.state["steps"] = torch.tensor(float("inf"))
+        return fine(memory, grads, surprise)
+
+    def with_counter(memory, emb_dim, fine=titans_default.init_memory_state):
+        fine(memory, emb_dim)
+        memory.register_state("steps", torch.tensor(0.0))  # one value for all slots
+
+    strategy = rule(apply_update=inf_counter)
+    strategy.init_memory_state = with_counter
+    torch.manual_seed(0)
+    memory = NeuralMemory(strategy=strategy)
+    memory.start_sequences(2)
+    strategy.broken = True
+    before = snapshot(memory)
+    memory.update(torch.randn(2, 8, 16))
+    after = memory.state_dict()
+    for name in ("fast_weights", "strategy_state.momentum", "strategy_state.steps"):
+        assert torch.equal(after[name], before[name]), name
+    assert int(memory.skipped_updates) == 2
+
+
+def expect_broken(memory: NeuralMemory, function: str, message: str, slots: int = 1) -> None:
+    with pytest.raises(StrategyError) as info:
+        memory.update(torch.randn(slots, 8, 16))
+    text = str(info.value)
+    assert "flaky_rule" in text and f"contract in {function}" in text, text
+    assert message in text, text
+
+
+def test_editing_grads_in_place_is_refused():
+    def scales_grads(memory, grads, surprise, fine):
+        grads["w1"].mul_(2)
+        return fine(memory, grads, surprise)
+
+    expect_broken(broken_memory(apply_update=scales_grads), "apply_update",
+                  "changed `grads` in place")
+
+
+def test_editing_the_weights_in_place_is_refused_also_without_a_gradient():
+    def edits_weights(memory, grads, surprise, fine):
+        memory.weights["w2"].add_(1.0)
+        return fine(memory, grads, surprise)
+
+    memory = broken_memory(apply_update=edits_weights)
+    with torch.no_grad(), pytest.raises(StrategyError, match="in place"):
+        memory.update(torch.randn(1, 8, 16))
+
+
+def test_a_transposed_weight_of_the_same_size_is_refused():
+    def transposes(memory, grads, surprise, fine):
+        new = dict(fine(memory, grads, surprise))
+        new["w1"] = new["w1"].transpose(1, 2)  # (1, 16, 32): as many numbers as (1, 32, 16)
+        return new
+
+    expect_broken(broken_memory(apply_update=transposes), "apply_update",
+                  "returned 'w1' of shape (1, 16, 32), expected (1, 32, 16)")
+
+
+def test_a_wrong_slot_count_some_of_the_time_is_refused():
+    def one_slot(memory, grads, surprise, fine):
+        return {n: w[:1] for n, w in fine(memory, grads, surprise).items()}
+
+    expect_broken(broken_memory(slots=2, apply_update=one_slot), "apply_update",
+                  "expected (2, 32, 16)", slots=2)
+
+
+def test_a_missing_weight_is_named():
+    def drops_b2(memory, grads, surprise, fine):
+        new = dict(fine(memory, grads, surprise))
+        del new["b2"]
+        return new
+
+    expect_broken(broken_memory(apply_update=drops_b2), "apply_update", "returned no weight(s) "
+                  "['b2']")
+
+
+def test_a_surprise_without_a_gradient_is_explained():
+    def detached(memory, keys, values, fine):
+        return fine(memory, keys, values).detach()
+
+    expect_broken(broken_memory(compute_surprise=detached), "compute_surprise",
+                  "does not depend on the fast weights")
+
+
+def test_a_surprise_of_the_wrong_shape_is_refused():
+    def summed(memory, keys, values, fine):
+        return fine(memory, keys, values).sum()
+
+    expect_broken(broken_memory(compute_surprise=summed), "compute_surprise",
+                  "returned (), expected one loss per slot, shape (1,)")
+
+
+def test_keys_of_the_wrong_shape_are_refused():
+    def flat_keys(memory, x, fine):
+        keys, values = fine(memory, x)
+        return keys.reshape(-1, keys.shape[-1]), values
+
+    expect_broken(broken_memory(compute_keys_values=flat_keys), "compute_keys_values",
+                  "both must be (1, 8, width)")
+
+
+def test_an_error_inside_a_function_names_the_rule_and_the_function():
+    def fails(memory, x, fine):
+        raise IndexError("index 9 is out of bounds")
+
+    expect_broken(broken_memory(compute_keys_values=fails), "compute_keys_values",
+                  "raised IndexError: index 9 is out of bounds")
