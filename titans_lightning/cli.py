@@ -26,6 +26,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from torch import Tensor
 
 from .module import TitansForecaster
+from .strategy import strategy_source
 from .results import PredictionWriter, device_name, git_commit, write_result
 
 # The memory learns during validation and test, so autograd must stay available there; the
@@ -49,6 +50,44 @@ class TitansCLI(LightningCLI):
         parser.link_arguments("data.output_dim", "model.output_dim", apply_on="instantiate")
         parser.link_arguments("model.context_window", "data.init_args.context_window",
                               apply_on="parse")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check a checkpoint's hyperparameters against the configuration.
+
+        (LightningCLI's own version lets the checkpoint's values silently replace the command
+        line's, so a run would score settings other than those it was asked for and record.)
+        """
+        self.checkpoint_hparams = None
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        saved = dict(checkpoint.get("hyper_parameters", {}))
+        saved.pop("_instantiator", None)
+        model = self.config[subcommand]["model"]
+        problems = checkpoint_mismatches(saved, model, subcommand,
+                                         checkpoint.get("strategy_source"))
+        if problems:
+            raise ValueError(
+                f"the checkpoint {ckpt_path} was made with other settings than this command "
+                "asks for:\n  " + "\n  ".join(problems) + "\nPass the checkpoint's values "
+                "(or a config that has them); only eval_protocol and lr may differ for test, "
+                "validate and predict, and a strategy file may have moved if its contents are "
+                "unchanged.")
+        self.checkpoint_hparams = saved
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        saved = getattr(self, "checkpoint_hparams", None)
+        if not saved:
+            return
+        linked = [f"model.{k}: checkpoint {saved[k]!r}, this data {self.model.hparams[k]!r}"
+                  for k in ("input_dim", "output_dim")
+                  if k in saved and saved[k] != self.model.hparams[k]]
+        if linked:
+            raise ValueError("the checkpoint was trained on data of another shape:\n  "
+                             + "\n  ".join(linked) + "\nUse the datamodule it was trained with.")
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand == "fit" and self.config.fit.ckpt_path:
@@ -98,6 +137,7 @@ class TitansCLI(LightningCLI):
             "test_mse": scores["test/mse"],
             "test_mae": scores["test/mae"],
             "strategy": hparams.strategy,
+            "strategy_source": self.model.strategy_source,
             "memory_scope": hparams.memory_scope,
             "device": device_name(self.trainer),
         }
@@ -119,6 +159,53 @@ class TitansCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionWriter) and self.trainer.is_global_zero:
                 print(f"predictions: {callback.path}")
+
+
+# Settings that do not change the trained model or its memory, so a checkpoint may be scored with
+# other values (not resumed: a fit continues exactly as it began).
+MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
+LINKED_FROM_DATA = {"input_dim", "output_dim"}
+
+
+def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,
+                          source: dict[str, str] | None) -> list[str]:
+    """One line per model setting in which the configuration differs from the checkpoint."""
+    problems = []
+    for key, before in saved.items():
+        if key in LINKED_FROM_DATA or key not in model:
+            continue
+        if subcommand != "fit" and key in MAY_DIFFER_WHEN_SCORING:
+            continue
+        now = model[key]
+        if key == "strategy_options":
+            before, now = before or {}, now or {}
+        if key == "strategy" and now != before:
+            moved = same_strategy_file(before, now, source)
+            if moved is None:
+                continue
+            problems.append(f"model.strategy: checkpoint {before!r}, this command {now!r}"
+                            f"{moved}")
+        elif now != before:
+            problems.append(f"model.{key}: checkpoint {before!r}, this command {now!r}")
+    return problems
+
+
+def same_strategy_file(before: str, now: str, source: dict[str, str] | None) -> str | None:
+    """None when strategy ``now`` is the checkpoint's rule ``before`` under another path (same
+    contents); otherwise why not, as the end of a message."""
+    current = strategy_source(now)
+    if current is None:
+        return ""
+    if source is None:  # a checkpoint without the rule's source: compare with the old file
+        old = strategy_source(before) if Path(before).is_file() else None
+        if old is None:
+            return (" (the checkpoint does not keep the rule's source, and the old file is "
+                    "gone, so it cannot be checked that they are the same rule)")
+        source = old
+    if current["sha256"] == source["sha256"]:
+        return None
+    return (" (a file with other contents than the checkpoint's rule; the checkpoint keeps "
+            "that rule's source under 'strategy_source')")
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:

@@ -35,6 +35,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from .distributed import (broadcast_memory, keep_buffers_local, reduce_hook,
                           warn_if_split_is_divided)
 from .model import MACTitan
+from .strategy import strategy_source
 
 EVAL_PROTOCOLS = ("default", "reference")
 REFERENCE_FIRST_SCORED = 15  # the reference's evaluation slice, hard-coded for C = 16
@@ -99,6 +100,8 @@ class TitansForecaster(L.LightningModule):
             raise ValueError(
                 f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
         self.save_hyperparameters()
+        # the rule's file as it was when the model was built (None for a built-in)
+        self.strategy_source = strategy_source(strategy)
         self.model = MACTitan(
             input_dim=input_dim, output_dim=output_dim, context_window=context_window,
             hidden_dim=hidden_dim, pm_len=pm_len, num_layers=num_layers,
@@ -238,6 +241,7 @@ class TitansForecaster(L.LightningModule):
     # The fit's wall time so far is saved too, so that a resumed run's record counts every attempt.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = capture_rng_states()
+        checkpoint["strategy_source"] = self.strategy_source
         checkpoint["fit_wall_s"] = self.earlier_fit_wall_s + time.perf_counter() \
             - self._attempt_started
 

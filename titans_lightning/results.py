@@ -12,6 +12,8 @@
     val_mse     best validation MSE, or null when checkpoints did not monitor ``val/mse``
     test_mse, test_mae   scores of that checkpoint on the test split
     strategy, memory_scope, device
+    strategy_source  for a strategy file or module of the user's: ``{"file", "sha256", "source"}``
+                (the rule as it ran; the checkpoints keep it too), null for a built-in
 
 The file is strict JSON: a NaN or infinite number is written as null.
 

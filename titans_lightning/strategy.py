@@ -55,6 +55,7 @@ run. The probe runs once per strategy and options, and leaves the global random 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -296,6 +297,24 @@ def _describe(spec: Any) -> str:
     if isinstance(spec, str):
         return repr(spec)
     return repr(getattr(spec, "__name__", type(spec).__name__))
+
+
+def strategy_source(spec: str) -> dict[str, str] | None:
+    """The source of a user strategy, ``{"file", "sha256", "source"}``, kept with checkpoints
+    and results so that they say which rule produced them even after the file is edited or
+    moved; None for a built-in (the package's commit identifies it)."""
+    if not isinstance(spec, str) or spec in builtin_strategies():
+        return None
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+    else:
+        found = importlib.util.find_spec(spec)
+        path = Path(found.origin) if found is not None and found.origin else None
+    if path is None or not path.is_file():
+        return None
+    text = path.read_text()
+    return {"file": str(path), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "source": text}
 
 
 def _resolve(spec: str) -> ModuleType:
