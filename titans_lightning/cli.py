@@ -116,6 +116,12 @@ class TitansCLI(LightningCLI):
         if result["val_mse"] is not None:
             tested += f", val MSE {result['val_mse']:.6f}"
         print(f"\ntest MSE {result['test_mse']:.6f}  ({tested})\nresult: {path}")
+        bad = [k for k in ("val_mse", "test_mse", "test_mae")
+               if result[k] is not None and not math.isfinite(result[k])]
+        if bad:
+            raise FloatingPointError(
+                f"{', '.join(bad)} not finite: the memory or the model diverged while scoring "
+                f"({path} has status 'nonfinite'); see the memory statistics in TensorBoard")
 
     def fit_result(self, scores: dict[str, float], best_path: str) -> dict[str, Any]:
         checkpoint = self.trainer.checkpoint_callback

@@ -120,6 +120,7 @@ class TitansForecaster(L.LightningModule):
         self._memory_before_sanity_check: dict[str, Tensor] | None = None
         # wall time of the fit attempts before this one, up to the checkpoint it resumed from
         self.earlier_fit_wall_s = 0.0
+        self._first_nonfinite_step: Tensor | None = None  # see note_nonfinite
         self._attempt_started = time.perf_counter()
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,6 +141,7 @@ class TitansForecaster(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         preds, targets = self.shared_step(batch)
         loss = F.mse_loss(preds, targets)
+        self.note_nonfinite(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=preds.shape[0], sync_dist=True)  # the global batch's loss
         return loss
@@ -166,6 +168,29 @@ class TitansForecaster(L.LightningModule):
         preds, valid = self.run_model(batch)
         return {"index": batch["index"], "preds": preds, "targets": batch["targets"],
                 "valid": valid}
+
+    def note_nonfinite(self, loss: Tensor) -> None:
+        """Remember, on the device, the first step whose loss was not finite (read per epoch)."""
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        first = self._first_nonfinite_step
+        if first is None or first.device != loss.device:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._first_nonfinite_step = torch.where(bad & (first < 0), step, first)
+
+    def stop_if_diverged(self) -> None:
+        """Stop a fit whose training loss went NaN or inf (one host sync, once per epoch),
+        before the epoch's checkpoint: NaN weights would be saved as both best and last."""
+        first = self._first_nonfinite_step
+        if first is None or int(first) < 0:
+            return
+        options = self.hparams.strategy_options or {}
+        raise FloatingPointError(
+            f"the training loss became NaN or infinite at step {int(first)} (epoch "
+            f"{self.current_epoch}), so the outer model diverged; the run stops before saving "
+            "this epoch's checkpoint. The usual cause is a memory whose updates are too large "
+            f"(strategy {self.hparams.strategy!r}, options {options}): try a smaller step size "
+            "(e.g. a lower theta in --model.strategy_options) or a lower --model.lr.")
 
     def collect_memory_stats(self) -> None:
         self.memory_stats = [memory.pop_history() for memory in self.model.memories]
@@ -216,7 +241,12 @@ class TitansForecaster(L.LightningModule):
         # The reference never switched to eval mode, so its dropout stayed on while scoring.
         self.trainer.model.train(self.hparams.eval_protocol == "reference")
 
+    def on_train_epoch_end(self) -> None:
+        self.stop_if_diverged()  # when no validation ran this epoch
+
     def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self.stop_if_diverged()
         self.start_evaluation(self.trainer.val_dataloaders, "validation")
         # Lightning's sanity check is not part of the protocol: it must leave the memory as it was.
         if self.trainer.sanity_checking:

@@ -1,0 +1,32 @@
+"""A run whose outer model diverges fails loudly, before saving NaN weights as best or last."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from titans_lightning.cli import TitansCLI
+from titans_lightning.results import write_result
+
+
+def test_a_nan_training_loss_stops_the_run_naming_the_likely_cause(tiny_sinwave, in_tmp):
+    with pytest.raises(FloatingPointError) as info:  # theta 50: huge but finite fast weights
+        TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
+                   "--model.strategy_options", '{"theta": 50}'])
+    message = str(info.value)
+    assert "training loss became NaN or infinite at step" in message
+    assert "'theta': 50" in message and "smaller step size" in message
+    assert not list(in_tmp.glob("logs/sinwave/version_0/checkpoints/*.ckpt"))
+    assert not list(in_tmp.glob("logs/sinwave/version_0/result.json"))
+
+
+def test_result_files_are_strict_json_with_a_status(tmp_path):
+    path = write_result(tmp_path, {"test_mse": float("nan"), "val_mse": 0.5,
+                                   "nested": {"x": float("inf")}})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    assert record == {"status": "nonfinite", "test_mse": None, "val_mse": 0.5,
+                      "nested": {"x": None}}
+    assert json.loads(write_result(tmp_path, {"test_mse": 0.1}).read_text())["status"] == "ok"
