@@ -1,4 +1,4 @@
-"""A callback that kills its own process with SIGKILL, as a crash or a lost machine would."""
+"""A callback that kills its own process with SIGKILL (a crash, a lost machine) or SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -9,20 +9,23 @@ import lightning as L
 
 
 class KillAt(L.Callback):
-    """SIGKILL at the start of training step ``step``, or when the final test starts.
+    """``signal_name`` (SIGKILL) at the start of training step ``step``, or when the final test
+    starts.
 
     With ``once`` (a file path), only the first time: the file marks that it happened.
     """
 
-    def __init__(self, step: int | None = None, at_test: bool = False, once: str | None = None):
+    def __init__(self, step: int | None = None, at_test: bool = False, once: str | None = None,
+                 signal_name: str = "SIGKILL"):
         self.step, self.at_test, self.once = step, at_test, once
+        self.signal = getattr(signal, signal_name)
 
     def kill(self) -> None:
         if self.once is not None:
             if Path(self.once).exists():
                 return
             Path(self.once).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), self.signal)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:

@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from .module import TitansForecaster
 from .strategy import strategy_source
-from .results import PredictionWriter, device_name, git_commit, write_result
+from .results import (AtomicCheckpointIO, PredictionWriter, device_name, git_commit,
+                      write_result)
 
 # The memory learns during validation and test, so autograd must stay available there; the
 # sanity check is off because it would run the memory on validation data before training.
@@ -79,6 +87,8 @@ class TitansCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
         if not saved:
             return
@@ -93,10 +103,37 @@ class TitansCLI(LightningCLI):
         if self.subcommand == "fit" and self.config.fit.ckpt_path:
             continue_in_run_folder(self.config.fit, self.config.fit.ckpt_path)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run that fails before it saved anything leaves no empty run folder."""
+        folder = run_folder(self.trainer)
+        existed = folder is not None and folder.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if folder is not None and not existed and not holds_results(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
     def before_fit(self) -> None:
         self.fit_started = time.perf_counter()
+        folder = run_folder(self.trainer)
+        if not self.config.fit.ckpt_path and folder is not None and folder.is_dir() \
+                and any(folder.iterdir()):
+            raise ValueError(
+                f"the run folder {folder} already holds a run; a new fit would overwrite its "
+                "config.yaml, result.json and checkpoints. Leave the logger's version unset "
+                "(each fit then gets a new version_N), choose another one, or resume that run "
+                f"with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}")
+        if self.config.fit.ckpt_path:  # resuming into its own folder is the point
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
         if self.trainer.progress_bar_callback is None:
             self.trainer.callbacks.append(EpochLine())
+
+    def before_test(self) -> None:
+        warn_without_checkpoint(self.config.test.ckpt_path, "test")
+
+    def before_validate(self) -> None:
+        warn_without_checkpoint(self.config.validate.ckpt_path, "validate")
 
     def after_fit(self) -> None:
         """Test the best-validation checkpoint and write ``result.json``."""
@@ -109,6 +146,9 @@ class TitansCLI(LightningCLI):
             checkpoint.load_state_dict(fit_state)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if not self.trainer.is_global_zero:
+            return
+        if log_dir is None:  # no logger (fast_dev_run): nowhere to keep a record
+            print(f"\ntest MSE {scores['test/mse']:.6f} (no logger, so no result.json)")
             return
         result = self.fit_result(scores, best_path)
         path = write_result(log_dir, result)
@@ -158,6 +198,7 @@ class TitansCLI(LightningCLI):
         return config
 
     def before_predict(self) -> None:
+        warn_without_checkpoint(self.config.predict.ckpt_path, "predict")
         if not any(isinstance(c, PredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
 
@@ -294,12 +335,35 @@ class EpochLine(Callback):
         return "  ".join(parts)
 
 
+def run_folder(trainer: L.Trainer) -> Path | None:
+    """The folder a run's logger writes to, or None without a logger (fast_dev_run)."""
+    logger = trainer.logger
+    log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(log_dir) if log_dir else None
+
+
+def holds_results(folder: Path) -> bool:
+    return (folder / "result.json").exists() or any((folder / "checkpoints").glob("*.ckpt"))
+
+
+def warn_without_checkpoint(ckpt_path: str | None, subcommand: str) -> None:
+    if not ckpt_path:
+        rank_zero_warn(f"`titans {subcommand}` without --ckpt_path scores an untrained model "
+                       "(its random initial weights); pass the checkpoint of a fit, e.g. "
+                       "--ckpt_path logs/sinwave/version_0/checkpoints/last.ckpt")
+
+
 def checkpoint_epoch(path: str) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
 
 
 def main(args: ArgsType = None) -> None:
-    TitansCLI(args)
+    try:
+        TitansCLI(args)
+    except SIGTERMException:  # Lightning stops at the next step, as a SystemExit with code 0
+        print("titans: stopped by SIGTERM before the run finished, so it has no result; resume "
+              "a fit with --ckpt_path RUN/checkpoints/last.ckpt", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
@@ -84,6 +86,29 @@ def finite_json(value: Any) -> tuple[bool, Any]:
         items = [finite_json(v) for v in value]
         return all(ok for ok, _ in items), [v for _, v in items]
     return True, value
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, then renames it into
+    place, so a crash or a full disk mid-write never leaves a truncated checkpoint: the last good
+    one survives. (Lightning's own writer stages the file in the system's temporary folder, and
+    copies it when that is another filesystem.) Remote paths are left to Lightning."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any = None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
