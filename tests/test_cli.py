@@ -22,7 +22,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 BENCHMARKS = {"sinwave.yaml": (16, 20), "weather.yaml": (16, 20), "sinwave_long.yaml": (32, 30)}
 RESULT_KEYS = {"status", "config", "commit", "seed", "wall_s", "best_epoch", "val_mse", "test_mse",
-               "test_mae", "strategy", "strategy_source", "memory_scope", "device"}
+               "test_mae", "strategy", "strategy_source", "memory_scope", "memory_updates",
+               "device"}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 

@@ -30,3 +30,34 @@ def test_result_files_are_strict_json_with_a_status(tmp_path):
     assert record == {"status": "nonfinite", "test_mse": None, "val_mse": 0.5,
                       "nested": {"x": None}}
     assert json.loads(write_result(tmp_path, {"test_mse": 0.1}).read_text())["status"] == "ok"
+
+
+NAN_RULE = '''
+from titans_lightning.strategies.titans_default import (
+    init_memory_state, compute_keys_values, compute_surprise, apply_update as default_update)
+
+
+def apply_update(memory, grads, surprise):
+    return {n: w * float("nan") for n, w in default_update(memory, grads, surprise).items()}
+'''
+
+
+def test_a_fit_whose_every_memory_update_was_skipped_says_so(tiny_sinwave, in_tmp, capsys):
+    rule = in_tmp / "nan_rule.py"
+    rule.write_text(NAN_RULE)
+    with pytest.warns(RuntimeWarning, match="EVERY memory update of this fit was skipped"):
+        cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1",
+                         "--trainer.limit_train_batches", "2", "--model.strategy", str(rule)])
+    result = json.loads((Path(cli.trainer.log_dir) / "result.json").read_text())
+    fit, test = result["memory_updates"]["fit"], result["memory_updates"]["test"]
+    assert fit["updates"] == fit["skipped_slots"] > 0  # two layers, train and validation
+    assert test["updates"] == test["skipped_slots"] > 0
+    assert f"memory updates in the fit: {fit['updates']}, slots skipped: {fit['updates']}" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
+def test_precisions_that_would_break_the_memory_are_refused(tiny_sinwave, in_tmp, precision):
+    with pytest.raises(ValueError, match=f"--trainer.precision {precision} is not supported"):
+        TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1",
+                   "--trainer.precision", precision])

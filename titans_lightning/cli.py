@@ -140,6 +140,7 @@ class TitansCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "")
         fit_state = checkpoint.state_dict() if checkpoint is not None else None
+        self.fit_updates = self.model.memory_update_counts()  # training and validation
         scores = self.trainer.test(self.model, datamodule=self.datamodule,
                                    ckpt_path="best" if best_path else None)[0]
         if checkpoint is not None:  # loading the best checkpoint rewound the callback to its state
@@ -155,7 +156,14 @@ class TitansCLI(LightningCLI):
         tested = f"best epoch {result['best_epoch']}" if best_path else "final weights"
         if result["val_mse"] is not None:
             tested += f", val MSE {result['val_mse']:.6f}"
-        print(f"\ntest MSE {result['test_mse']:.6f}  ({tested})\nresult: {path}")
+        fit = result["memory_updates"]["fit"]
+        print(f"\ntest MSE {result['test_mse']:.6f}  ({tested}); memory updates in the fit: "
+              f"{fit['updates']}, slots skipped: {fit['skipped_slots']}\nresult: {path}")
+        if result["memory_scope"] == "shared" and 0 < fit["updates"] <= fit["skipped_slots"]:
+            rank_zero_warn(
+                "EVERY memory update of this fit was skipped (non-finite surprise, gradient, "
+                "weights or state): the memory never learned, so this run measures a frozen "
+                "memory. Check the strategy and its options.", category=RuntimeWarning)
         bad = [k for k in ("val_mse", "test_mse", "test_mae")
                if result[k] is not None and not math.isfinite(result[k])]
         if bad:
@@ -185,6 +193,11 @@ class TitansCLI(LightningCLI):
             "strategy": hparams.strategy,
             "strategy_source": self.model.strategy_source,
             "memory_scope": hparams.memory_scope,
+            # slot updates, all memory layers: the fit's (training and validation), and the
+            # test's, made on the tested checkpoint's memory
+            "memory_updates": {"fit": self.fit_updates,
+                               "test": difference(self.model.memory_update_counts(),
+                                                  self.model.counts_before_test)},
             "device": device_name(self.trainer),
         }
 
@@ -333,6 +346,10 @@ class EpochLine(Callback):
         if last is not None and last >= epoch:
             parts.append(f"ETA {per_epoch * (last - epoch) / 60:.0f} min")
         return "  ".join(parts)
+
+
+def difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
 
 
 def run_folder(trainer: L.Trainer) -> Path | None:

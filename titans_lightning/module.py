@@ -38,6 +38,7 @@ from .model import MACTitan
 from .strategy import strategy_source
 
 EVAL_PROTOCOLS = ("default", "reference")
+SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64")
 REFERENCE_FIRST_SCORED = 15  # the reference's evaluation slice, hard-coded for C = 16
 
 INFERENCE_MODE_ERROR = (
@@ -195,9 +196,12 @@ class TitansForecaster(L.LightningModule):
     def collect_memory_stats(self) -> None:
         self.memory_stats = [memory.pop_history() for memory in self.model.memories]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for memory in self.model.memories:
-            memory.warn_if_skipped()
+    def memory_update_counts(self) -> dict[str, int]:
+        """Updates made by all memory layers since the memory began, and the slots of them that
+        were skipped (one per sequence in per-sequence scope; one host sync). The counters are
+        buffers, so they continue across checkpoints."""
+        return {"updates": sum(int(m.num_updates) for m in self.model.memories),
+                "skipped_slots": sum(int(m.skipped_updates) for m in self.model.memories)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Fast weights, K and V are buffers, so self.parameters() never includes them.
@@ -208,6 +212,13 @@ class TitansForecaster(L.LightningModule):
         loops = (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop)
         if any(loop.inference_mode for loop in loops):
             raise RuntimeError(INFERENCE_MODE_ERROR)
+        precision = str(self.trainer.precision)
+        if precision not in SUPPORTED_PRECISION:
+            raise ValueError(
+                f"--trainer.precision {precision} is not supported: the neural memory learns in "
+                "float32 (in bfloat16, 0.999 * w == w, so its retention would never apply, and "
+                "mixed precision breaks the memory's backward pass); use --trainer.precision "
+                "32-true (or 64-true)")
         if self.trainer.world_size > 1:
             keep_buffers_local(self.trainer.strategy)  # before Lightning wraps the model in DDP
 
@@ -243,6 +254,8 @@ class TitansForecaster(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.stop_if_diverged()  # when no validation ran this epoch
+        for memory in self.model.memories:  # once per epoch: reading the count is a host sync
+            memory.warn_if_skipped()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:
@@ -260,6 +273,7 @@ class TitansForecaster(L.LightningModule):
         broadcast_memory(self.model)  # the ranks agree already, unless a kernel is nondeterministic
 
     def on_test_start(self) -> None:
+        self.counts_before_test = self.memory_update_counts()
         self.start_evaluation(self.trainer.test_dataloaders, "test")
 
     def on_predict_start(self) -> None:
