@@ -30,20 +30,19 @@ def tiny_trainer(**kwargs) -> L.Trainer:
 
 
 def test_loss_counts_only_positions_with_a_window_and_a_target():
-    T = 6
-    valid = torch.arange(T) >= 2  # window C = 3: predictions exist from t = 2
+    T = 6  # window C = 3: predictions exist from t = 2
     targets = torch.arange(T, dtype=torch.float32).view(1, T, 1)  # target at t is t
     preds = torch.full((1, T, 1), 1000.0)  # garbage where nothing is scored
     preds[0, 2:5, 0] = torch.tensor([3.0, 5.0, 5.0])  # forecasts of targets 3, 4, 5
     preds.requires_grad_(True)
 
-    loss = forecast_loss(preds, targets, valid)
+    loss = forecast_loss(preds, targets, first=2)
 
     # errors 0, 1, 0 at t = 2, 3, 4; t = 5 has no target t+1, t < 2 no window
     assert loss.item() == pytest.approx(1 / 3)
     loss.backward()
     assert torch.all(preds.grad[0, [0, 1, 5]] == 0)
-    scored_preds, scored_targets = scored_pairs(preds, targets, valid)
+    scored_preds, scored_targets = scored_pairs(preds, targets, first=2)
     assert scored_preds.shape == scored_targets.shape == (1, 3, 1)
     assert scored_targets.flatten().tolist() == [3.0, 4.0, 5.0]
 

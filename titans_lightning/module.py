@@ -48,18 +48,19 @@ INFERENCE_MODE_ERROR = (
 )
 
 
-def scored_pairs(preds: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Predictions made at t and the targets at t+1 they forecast, for valid t with t+1 < T.
+def scored_pairs(preds: Tensor, targets: Tensor, first: int) -> tuple[Tensor, Tensor]:
+    """Predictions made at t and the targets at t+1 they forecast, for first <= t < T-1.
 
-    ``preds`` (B, T, O), ``targets`` (B, T, O), ``valid`` (T,) bool -> two (B, n, O) tensors.
+    ``first`` = C-1 is the first step with a full context window (the model's ``valid`` mask is
+    ``t >= C-1``): slicing rather than masking keeps the step free of host synchronisation.
+    ``preds`` (B, T, O), ``targets`` (B, T, O) -> two (B, n, O) tensors.
     """
-    keep = valid[:-1]  # (T-1,): the prediction made at the last step has no target
-    return preds[:, :-1][:, keep], targets[:, 1:][:, keep]
+    return preds[:, first:-1], targets[:, first + 1:]
 
 
-def forecast_loss(preds: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+def forecast_loss(preds: Tensor, targets: Tensor, first: int) -> Tensor:
     """MSE between the prediction at t and the target at t+1, over scored positions only."""
-    return F.mse_loss(*scored_pairs(preds, targets, valid))
+    return F.mse_loss(*scored_pairs(preds, targets, first))
 
 
 class TitansForecaster(L.LightningModule):
@@ -136,8 +137,8 @@ class TitansForecaster(L.LightningModule):
 
     def shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Run the model; return the scored (preds, targets), (B, n, O) each."""
-        preds, valid = self.run_model(batch)
-        return scored_pairs(preds, batch["targets"], valid)
+        preds, _ = self.run_model(batch)  # valid: t >= C-1
+        return scored_pairs(preds, batch["targets"], self.hparams.context_window - 1)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         preds, targets = self.shared_step(batch)
@@ -159,7 +160,7 @@ class TitansForecaster(L.LightningModule):
             preds = preds[:, REFERENCE_FIRST_SCORED:-1].contiguous()
             targets = batch["targets"][:, REFERENCE_FIRST_SCORED + 1:].contiguous()
         else:
-            preds, targets = self.shared_step(batch)
+            preds, targets = (t.contiguous() for t in self.shared_step(batch))
         metrics = self.metrics[split]
         metrics.update(preds, targets)
         self.log_dict(metrics, on_epoch=True, prog_bar=split == "val", batch_size=preds.shape[0])
