@@ -175,3 +175,17 @@ def test_an_error_inside_a_function_names_the_rule_and_the_function():
 
     expect_broken(broken_memory(compute_keys_values=fails), "compute_keys_values",
                   "raised IndexError: index 9 is out of bounds")
+
+
+@pytest.mark.parametrize("late", ["learn_initial_weights", "register_state"])
+def test_parameters_and_state_made_after_construction_are_refused(late):
+    def makes_it_late(memory, grads, surprise, fine):
+        if late == "learn_initial_weights":
+            memory.learn_initial_weights()  # a parameter neither Adam nor DDP would know
+        else:
+            memory.register_state("late", torch.zeros(1))
+        return fine(memory, grads, surprise)
+
+    memory = broken_memory(apply_update=makes_it_late)
+    with pytest.raises(StrategyError, match=f"called memory.{late}.* outside init_memory_state"):
+        memory.update(torch.randn(1, 8, 16))

@@ -110,7 +110,9 @@ class NeuralMemory(nn.Module):
         self._warned_skips = 0
         self._now = _UpdateScratch()  # what the update in progress has been told
         self.history: list[dict[str, Tensor]] = []
+        self._building = True  # state and learnable weights may be created only now
         self.strategy.init_memory_state(self, dim)
+        self._building = False
         self.initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
         for name, value in self.strategy_state._buffers.items():
             self.initial_state.register_buffer(name, value.detach().clone())
@@ -150,7 +152,17 @@ class NeuralMemory(nn.Module):
 
     def learn_initial_weights(self) -> None:
         """Let the outer optimiser train the starting weights (per-sequence scope)."""
+        self._refuse_after_construction("memory.learn_initial_weights()")
         self.initial_weights = nn.Parameter(self.initial_weights.detach().clone())
+
+    def _refuse_after_construction(self, what: str) -> None:
+        # A parameter made after the optimiser was built is trained by neither Adam nor DDP,
+        # and state made later is missing from the checkpoints of the memory's start.
+        if not self.__dict__.get("_building", True):
+            raise StrategyError(
+                f"memory strategy {self._strategy_spec!r} called {what} outside "
+                "init_memory_state: create every parameter and state there, when the memory is "
+                "built (the outer optimiser and the checkpoints only know what exists then)")
 
     def start_sequences(self, n: int) -> None:
         """Per-sequence scope: one slot per sequence, each from the initial weights and state."""
@@ -207,6 +219,7 @@ class NeuralMemory(nn.Module):
         """Create strategy state. ``per_slot`` tensors have a leading slot dimension (like the
         weights) and are rolled back per slot; ``learnable`` ones are trained by the outer
         optimiser (and never assigned by the strategy)."""
+        self._refuse_after_construction(f"memory.register_state({name!r}, ...)")
         if learnable:
             self.strategy_state.register_parameter(name, nn.Parameter(value))
         else:
