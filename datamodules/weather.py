@@ -89,16 +89,24 @@ class WeatherDataModule(SequenceDataModule):
     def _prepared(self) -> PreparedWeather:
         """The cached preparation of ``csv_path``, preparing and caching it if needed."""
         key = fingerprint(self.csv_path)
-        prepared = read_cache(self.resolved_cache_dir, key)
-        fresh = prepared is None
-        if fresh:
-            prepared = prepare_weather(self.csv_path)
-        # Checked before writing, so a preparation this module would reject is never cached;
-        # a cached one is checked too, since context_window may have changed since it was made.
+        cached = read_cache(self.resolved_cache_dir, key)
+        if cached is not None and self._passes_checks(cached):
+            return cached
+        # No cache, or one that fails the checks: the CSV decides. A damaged cache is then
+        # replaced; a preparation this module rejects raises naming the CSV and is never cached.
+        prepared = prepare_weather(self.csv_path)
         check_splits(self._described(prepared), len(self.channels), self.context_window)
-        if fresh:
-            write_cache(self.resolved_cache_dir, prepared, key)
+        write_cache(self.resolved_cache_dir, prepared, key)
         return prepared
+
+    def _passes_checks(self, prepared: PreparedWeather) -> bool:
+        # Checked even when the fingerprint matches: the files may have been damaged since, and
+        # context_window may have changed since the cache was made.
+        try:
+            check_splits(self._described(prepared), len(self.channels), self.context_window)
+        except ValueError:
+            return False
+        return True
 
     def _described(self, prepared: PreparedWeather) -> dict[str, SplitArray]:
         return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from datamodules.splits import SPLITS
-from datamodules.weather_csv import CSV_HELP, STRIDE, WINDOW, PreparedWeather
+from datamodules.weather_csv import COLUMNS, CSV_HELP, STRIDE, WINDOW, PreparedWeather
 
 CACHE_FORMAT = 1
 MARKER = "prepared.json"
@@ -42,21 +42,38 @@ def fingerprint(csv_path: str | Path) -> dict[str, Any]:
 
 
 def read_cache(cache_dir: str | Path, expected: dict[str, Any]) -> PreparedWeather | None:
-    """The cached preparation if it matches ``expected``, else None (stale, partial or absent)."""
+    """The cached preparation if it matches ``expected``, else None (stale, partial or absent).
+
+    A cache is only ever our own output, so anything unexpected in it (a torn or foreign file, a
+    record of another shape) means "rebuild from the CSV", never an error about the CSV.
+    """
     directory = Path(cache_dir)
     try:
         record = json.loads((directory / MARKER).read_text())
-        if record.get("fingerprint") != expected:
+        if not _is_record(record) or record["fingerprint"] != expected:
             return None
         arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in ARRAYS}
-    except (OSError, ValueError):
-        # Unreadable or half-written caches are simply rebuilt from the CSV.
+    except (OSError, ValueError, EOFError):  # EOFError: an empty .npy
         return None
     return PreparedWeather(
         series=arrays["series"],
         splits={split: arrays[split] for split in SPLITS},
         mean=record["mean"],
         std=record["std"],
+    )
+
+
+def _is_record(record: Any) -> bool:
+    """Whether ``record`` has the layout write_cache gives prepared.json."""
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("fingerprint"), dict)
+        and all(
+            isinstance(record.get(stat), dict)
+            and list(record[stat]) == list(COLUMNS)
+            and all(isinstance(v, float) for v in record[stat].values())
+            for stat in ("mean", "std")
+        )
     )
 
 
@@ -76,11 +93,24 @@ def write_cache(cache_dir: str | Path, prepared: PreparedWeather, key: dict[str,
 
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     # Write beside the target and rename over it: a reader or a crash never sees a torn file.
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    temporary = _create_beside(path)
     try:
-        with handle:
+        with temporary.open("wb") as handle:
             write(handle)
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def _create_beside(path: Path) -> Path:
+    """A new empty file next to ``path``, with the permissions of any new file (0o666 less the
+    umask, so usually 0o644); ``tempfile`` would make it 0o600, readable by its owner only."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary file next to {path}")

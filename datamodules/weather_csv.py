@@ -15,6 +15,7 @@ Shapes: T rows, d = 6 columns; series ``(T, d)``, each split ``(N, 500, d)``.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,14 +55,56 @@ def read_turbine_csv(csv_path: str | Path) -> pd.DataFrame:
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: CSV file not found; {CSV_HELP}")
-    frame = pd.read_csv(path)
+    check_is_text(path)
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:  # nothing but blank lines: not even a header
+        raise ValueError(f"{path}: the file holds no CSV header, only blank lines; {CSV_HELP}") \
+            from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:  # past the sniffed head
+        raise ValueError(f"{path}: not a readable CSV ({error}); {CSV_HELP}") from None
+    check_columns(frame, path)
+    return frame.rename(columns={frame.columns[0]: "timestamp"})
+
+
+def check_is_text(path: Path, head_bytes: int = 1 << 16) -> None:
+    """Refuse an empty or binary file before pandas does, with a message naming the file.
+
+    pandas reports these as ``EmptyDataError`` or ``UnicodeDecodeError`` tracebacks that say
+    nothing of which file was meant; a NUL byte or bytes that are not UTF-8 in the head mark a
+    binary file (an ``.npy``, a zip archive of the CSV, ...).
+    """
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); {CSV_HELP}")
+    with path.open("rb") as handle:
+        head = handle.read(head_bytes)
+    nul = head.find(b"\x00")
+    why = f"a NUL byte at offset {nul}" if nul >= 0 else None
+    try:
+        # final=False: a character cut at the end of the head is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        why = why or f"byte {head[error.start]:#04x} at offset {error.start} is not UTF-8 text"
+    if why:
+        raise ValueError(f"{path}: not a text CSV file but binary data ({why}); {CSV_HELP}")
+
+
+def check_columns(frame: pd.DataFrame, path: Path) -> None:
+    """The needed columns exist, the file has rows, and no needed column is entirely empty."""
     missing = [column for column in COLUMNS if column not in frame.columns[1:]]
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {missing}; the CSV needs a timestamp first column and "
             f"{list(COLUMNS)} ({CSV_HELP})"
         )
-    return frame.rename(columns={frame.columns[0]: "timestamp"})
+    if frame.empty:
+        raise ValueError(f"{path}: has a header but no data rows; {CSV_HELP}")
+    # Checked here, since filtering would drop every row and report only "0 rows left".
+    empty = [column for column in COLUMNS if frame[column].isna().all()]
+    if empty:
+        raise ValueError(
+            f"{path}: column(s) {empty} hold no values (every row is empty or NaN); {CSV_HELP}"
+        )
 
 
 def select_rows(frame: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -117,3 +117,46 @@ def test_kaggle_frame_header_matches_the_kaggle_file(tmp_path, kaggle_frame_make
     header = pd.read_csv(tmp_path / "t.csv", nrows=0).columns
     assert header[0] == "Unnamed: 0"
     assert {"ActivePower", "AmbientTemperatue", "WindSpeed", "WTG"} <= set(header)
+
+
+# -- files that are not a turbine CSV: a ValueError naming the file and the problem ---------------
+def test_empty_file_is_named(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"t\.csv: the file is empty \(0 bytes\)"):
+        prepare_weather(tmp_path / "t.csv")
+
+
+def test_blank_lines_only_is_named(tmp_path):
+    (tmp_path / "t.csv").write_text("\n\n\n")
+    with pytest.raises(ValueError, match=r"t\.csv: the file holds no CSV header"):
+        prepare_weather(tmp_path / "t.csv")
+
+
+def test_binary_file_is_named(tmp_path):
+    np.save(tmp_path / "t.npy", np.zeros((4, 6)))  # a prepared array passed as the CSV
+    with pytest.raises(ValueError, match=r"t\.npy: not a text CSV file but binary data"):
+        prepare_weather(tmp_path / "t.npy")
+
+
+def test_non_utf8_bytes_are_named(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"\x89\xff\xfe" * 100)
+    with pytest.raises(ValueError, match=r"t\.csv: .*byte 0x89 at offset 0 is not UTF-8 text"):
+        prepare_weather(tmp_path / "t.csv")
+
+
+def test_header_without_rows_is_named(tmp_path, kaggle_frame_maker):
+    frame = kaggle_frame_maker(np.zeros((3, 6)), extra_rows=False)
+    frame.iloc[:0].to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"t\.csv: has a header but no data rows"):
+        prepare_weather(tmp_path / "t.csv")
+
+
+def test_entirely_missing_column_is_named(tmp_path, kaggle_frame_maker):
+    raw = np.random.default_rng(3).normal(size=(6000, len(COLUMNS)))
+    frame = kaggle_frame_maker(raw, seed=3)
+    frame["RotorRPM"] = np.nan
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(
+        ValueError, match=r"t\.csv: column\(s\) \['RotorRPM'\] hold no values \(every row is empty"
+    ):
+        prepare_weather(tmp_path / "t.csv")

@@ -186,3 +186,49 @@ def test_too_few_csv_rows_is_rejected_before_caching(tmp_path, weather_csv_maker
 def test_cache_dir_needs_a_csv(tmp_path):
     with pytest.raises(ValueError, match="cache_dir only applies with csv_path"):
         WeatherDataModule(data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+# -- a damaged cache is rebuilt from the CSV, never blamed on it -----------------------------------
+def nan_train(cache):
+    train = np.load(cache / "train.npy")
+    train[0, 0, 0] = np.nan
+    np.save(cache / "train.npy", train)
+
+
+DAMAGE = {
+    "nan_in_an_array": nan_train,
+    "empty_array_file": lambda cache: (cache / "valid.npy").write_bytes(b""),
+    "truncated_array_file": lambda cache: (cache / "test.npy").write_bytes(
+        (cache / "test.npy").read_bytes()[:1000]),
+    "marker_not_a_record": lambda cache: (cache / "prepared.json").write_text("[]"),
+    "marker_without_statistics": lambda cache: (cache / "prepared.json").write_text(json.dumps(
+        {"fingerprint": json.loads((cache / "prepared.json").read_text())["fingerprint"]})),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_cache_is_rebuilt_from_the_csv(small_csv, damage):
+    first = WeatherDataModule(csv_path=str(small_csv))
+    first.setup()
+    cache = small_csv.parent / "prepared"
+    DAMAGE[damage](cache)
+    second = WeatherDataModule(csv_path=str(small_csv))
+    second.setup()
+    np.testing.assert_array_equal(
+        first.datasets["train"].inputs.numpy(), second.datasets["train"].inputs.numpy()
+    )
+    assert second.normalisation == first.normalisation
+    train = np.load(cache / "train.npy")  # the cache was written again, whole
+    assert np.isfinite(train).all() and len(np.load(cache / "valid.npy")) > 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_cache_files_get_the_permissions_of_any_new_file(small_csv, umask):
+    old = os.umask(umask)
+    try:
+        WeatherDataModule(csv_path=str(small_csv)).setup()
+    finally:
+        os.umask(old)
+    cache = small_csv.parent / "prepared"
+    modes = {name: (cache / name).stat().st_mode & 0o777 for name in cache_files(cache)}
+    assert modes == {name: 0o666 & ~umask for name in modes} and len(modes) == 5
