@@ -2,13 +2,15 @@
 
 Shape legend
     U  memory updates in one batch     S  memory slots     K  statistics a callback keeps
-    N  values of one statistic in one epoch (updates x slots, over all batches and ranks)
+    N  values of one statistic in one epoch (updates x slots, over all batches; over all ranks
+       for per-sequence training, whose ranks hold different slots)
     W  processes (ranks)
 
 After every batch :class:`~titans_lightning.module.TitansForecaster` leaves in
 ``pl_module.memory_stats`` one ``{stat: (U, S)}`` dict per memory layer. A subclass names the
 statistics it needs (``STATS``); they are kept as device tensors for the whole epoch (no host
-synchronisation per batch), gathered from every rank once at the epoch's end, and handed to
+synchronisation per batch), gathered from every rank once at the epoch's end where the ranks'
+values differ, and handed to
 :meth:`MemoryStatisticsCallback.log_layer` on rank 0 only.
 """
 from __future__ import annotations
@@ -103,10 +105,12 @@ class MemoryStatisticsCallback(TensorBoardCallback):
     def write(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.sanity_checking:
             return
-        # Training splits each global batch across ranks; validation and test run the whole
-        # split on every rank (identical values), so only training needs the gather.
+        # Per-sequence training splits each global batch's slots across ranks: gathered. The
+        # shared memory's training update is all-reduced, so every rank records the same values,
+        # and validation and test run the whole split on every rank: rank 0's alone.
+        per_sequence = getattr(pl_module.hparams, "memory_scope", "shared") == "per_sequence"
         layers = self.values[split].gather(pl_module, len(pl_module.model.memories),
-                                           across_ranks=split == "train")
+                                           across_ranks=split == "train" and per_sequence)
         if not trainer.is_global_zero:
             return
         writer = self.writer(trainer)

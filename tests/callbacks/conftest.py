@@ -42,10 +42,10 @@ class StatsRecorder(L.Callback):
 
 
 def fit_tiny(log_dir: Path, callbacks: list[L.Callback], max_epochs: int = 1,
-             test: bool = False, **trainer_args: Any) -> L.Trainer:
+             test: bool = False, memory_scope: str = "shared", **trainer_args: Any) -> L.Trainer:
     """Fit (and optionally test) the tiny model on tiny sine waves: at most 2 batches per split."""
     L.seed_everything(0, verbose=False)
-    model = TitansForecaster(context_window=4, dim_feedforward=16)
+    model = TitansForecaster(context_window=4, dim_feedforward=16, memory_scope=memory_scope)
     data = SinwaveDataModule(n_sequences=20, seq_len=40, context_window=4)
     options = dict(inference_mode=False, num_sanity_val_steps=0, max_epochs=max_epochs,
                    limit_train_batches=2, limit_val_batches=2, limit_test_batches=2,
@@ -70,7 +70,8 @@ def load_events(log_dir: str | Path) -> EventAccumulator:
 
 @pytest.fixture(scope="session")
 def tiny_fit():
-    """``tiny_fit(log_dir, callbacks, max_epochs=1, test=False, **trainer_args) -> Trainer``."""
+    """``tiny_fit(log_dir, callbacks, max_epochs=1, test=False, memory_scope="shared",
+    **trainer_args) -> Trainer``."""
     return fit_tiny
 
 

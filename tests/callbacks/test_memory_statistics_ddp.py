@@ -1,4 +1,6 @@
-"""Under DDP (two CPU processes) the memory statistics of both ranks are written once, by rank 0."""
+"""Under DDP (two CPU processes) the memory statistics are written once, by rank 0, each update
+counted once: per slot of every rank with per-sequence memory, once for the shared memory (whose
+update every rank applies after the all-reduce)."""
 from __future__ import annotations
 
 import math
@@ -42,19 +44,21 @@ class RankRecorder(L.Callback):
         torch.save(values, self.directory / f"rank{trainer.global_rank}.pt")
 
 
-def test_both_ranks_are_gathered_and_written_once(tmp_path, tiny_fit, read_events):
-    """Training splits batches across ranks (gathered); validation runs the whole split on every
-    rank with identical values (rank 0's are written, not doubled)."""
+@pytest.mark.parametrize("scope", ["shared", "per_sequence"])
+def test_every_update_is_counted_once(tmp_path, tiny_fit, read_events, scope):
+    """Per-sequence training splits the batch's slots across ranks (gathered); the shared
+    memory's training updates and every validation update are the same on every rank (rank 0's
+    are written, not doubled)."""
     callbacks = [SurpriseStatistics(), GateRate(), RankRecorder(tmp_path)]
     trainer = tiny_fit(tmp_path, callbacks, accelerator="cpu", devices=2, strategy="ddp_fork",
-                       use_distributed_sampler=False)
+                       use_distributed_sampler=False, memory_scope=scope)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     (log_dir,) = (tmp_path / "tiny").glob("version_*")  # one writer: rank 0's
     events = read_events(log_dir)
     for key in ranks[0]:
         split, layer, name = key.split("/")
-        if split == "train":
+        if split == "train" and scope == "per_sequence":
             both = torch.cat([rank[key] for rank in ranks]).double()
             assert both.numel() == 2 * ranks[0][key].numel()
         else:
