@@ -280,3 +280,28 @@ def test_validation_on_two_ranks_scores_like_one_process(validations):
     assert_same(rank0["val_end"], single["val_end"], **CLOSE)
     assert not torch.equal(rank0["val_end"]["model.layers.0.memory.fast_weights"],
                            rank0["val_start"]["model.layers.0.memory.fast_weights"])
+
+
+def save_and_restore_rng(rank: int, port: int, directory: Path) -> None:
+    from titans_lightning.module import (own_rng_states, restore_rng_states,
+                                         rng_states_of_every_rank)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(100 + rank)  # each rank's stream is its own (each GPU's, say)
+    checkpoint = {"rng_states_per_rank": rng_states_of_every_rank(2)}
+    expected = torch.rand(5)  # what this rank draws next
+    torch.rand(100)  # the run goes on, then is resumed from the checkpoint
+    restore_rng_states(own_rng_states(checkpoint, rank, 2))
+    torch.save({"expected": expected, "resumed": torch.rand(5)}, directory / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_random_stream(tmp_path):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    start_processes(save_and_restore_rng, args=(port, tmp_path), nprocs=2, start_method="fork")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(rank0["expected"], rank1["expected"])
+    for rank in (rank0, rank1):
+        assert torch.equal(rank["resumed"], rank["expected"])

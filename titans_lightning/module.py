@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
@@ -286,6 +287,9 @@ class TitansForecaster(L.LightningModule):
     # The fit's wall time so far is saved too, so that a resumed run's record counts every attempt.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = capture_rng_states()
+        every_rank = rng_states_of_every_rank(self.trainer.world_size)
+        if every_rank is not None:  # each rank's dropout stream is its own
+            checkpoint["rng_states_per_rank"] = every_rank
         checkpoint["strategy_source"] = self.strategy_source
         checkpoint["fit_wall_s"] = self.earlier_fit_wall_s + time.perf_counter() \
             - self._attempt_started
@@ -294,8 +298,9 @@ class TitansForecaster(L.LightningModule):
         resuming_fit = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         if not resuming_fit:
             return
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+        states = own_rng_states(checkpoint, self._trainer.global_rank, self._trainer.world_size)
+        if states is not None:
+            restore_rng_states(states)
         self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
         follow_checkpoint_folders(self._trainer, checkpoint)
 
@@ -347,6 +352,29 @@ def capture_rng_states() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
     }
+
+
+def rng_states_of_every_rank(world_size: int) -> list[dict[str, Any]] | None:
+    """Every rank's generator states, in rank order (a collective); None on one process."""
+    if world_size < 2 or not torch.distributed.is_initialized():
+        return None
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, capture_rng_states())
+    return states
+
+
+def own_rng_states(checkpoint: dict[str, Any], rank: int, world_size: int
+                   ) -> dict[str, Any] | None:
+    """The generator states this rank saved, or rank 0's where the checkpoint has no per-rank
+    states of this many ranks (then the ranks' streams differ from the interrupted run's)."""
+    per_rank = checkpoint.get("rng_states_per_rank")
+    if per_rank is not None and len(per_rank) == world_size:
+        return per_rank[rank]
+    if per_rank is not None or (world_size > 1 and "rng_states" in checkpoint):
+        rank_zero_warn(f"the checkpoint holds the random generators of "
+                       f"{len(per_rank) if per_rank else 1} process(es), not {world_size}: "
+                       "the resumed fit draws other dropout masks than the interrupted one")
+    return checkpoint.get("rng_states")
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
