@@ -145,9 +145,9 @@ def test_any_shape(memory_layers, input_dim, context_window, pm_len):
 
 
 def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match="memory_scope must be one of"):
+    with pytest.raises(ValueError, match="--model.memory_scope='global' is not allowed"):
         MACTitan(memory_scope="global")
-    with pytest.raises(ValueError, match="mac_order must be one of"):
+    with pytest.raises(ValueError, match="--model.mac_order='sideways' is not allowed"):
         MACTitan(mac_order="sideways")
     with pytest.raises(ValueError, match="shorter than the context window 16"):
         MACTitan(dim_feedforward=8)(torch.randn(1, 10, 1))

@@ -26,6 +26,32 @@ SCOPES = ("shared", "per_sequence")
 ORDERS = ("reference", "causal")
 
 
+def check_arguments(**v: Any) -> None:
+    """Refuse an impossible setting before anything is built, in one line that names it as the
+    CLI spells it (``--model.<name>``), its value and what is allowed.
+
+    Left to the layers, these surface as torch errors that name neither (a negative size in
+    ``randn``, a division by zero in an initialiser), or not at all (a zero-width layer trains).
+    """
+    d = v["hidden_dim"]
+    divisors = [n for n in range(1, d + 1) if d % n == 0] if d >= 1 else []
+    rules = (  # in order: the first broken one is reported
+        ("context_window", v["context_window"] >= 1, "at least 1"),
+        ("hidden_dim", d >= 1, "at least 1"),
+        ("nhead", v["nhead"] in divisors, f"a divisor of --model.hidden_dim={d}: {divisors}"),
+        ("pm_len", v["pm_len"] >= 0, "at least 0 (0: no persistent-memory tokens)"),
+        ("num_layers", v["num_layers"] >= 1, "at least 1"),
+        ("memory_layers", v["memory_layers"] in (1, 2), "1 or 2"),
+        ("memory_hidden", v["memory_hidden"] >= 1, "at least 1"),
+        ("dim_feedforward", v["dim_feedforward"] >= 1, "at least 1"),
+        ("memory_scope", v["memory_scope"] in SCOPES, f"one of {SCOPES}"),
+        ("mac_order", v["mac_order"] in ORDERS, f"one of {ORDERS}"),
+    )
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"--model.{name}={v[name]!r} is not allowed: it must be {allowed}")
+
+
 class MACLayer(nn.Module):
     """One Memory-as-Context block: retrieve, attend over [persistent, memory, input], store."""
 
@@ -103,12 +129,11 @@ class MACTitan(nn.Module):
                  memory_scope: str = "shared", mac_order: str = "reference", nhead: int = 2,
                  dim_feedforward: int = 2048, dropout: float = 0.1):
         super().__init__()
-        if memory_scope not in SCOPES:
-            raise ValueError(f"memory_scope must be one of {SCOPES}, got {memory_scope!r}")
-        if mac_order not in ORDERS:
-            raise ValueError(f"mac_order must be one of {ORDERS}, got {mac_order!r}")
-        if context_window < 1:
-            raise ValueError(f"context_window must be >= 1, got {context_window}")
+        check_arguments(context_window=context_window, hidden_dim=hidden_dim, pm_len=pm_len,
+                        num_layers=num_layers, memory_layers=memory_layers,
+                        memory_hidden=memory_hidden, nhead=nhead,
+                        dim_feedforward=dim_feedforward, memory_scope=memory_scope,
+                        mac_order=mac_order)
         self.C, self.memory_scope = context_window, memory_scope
         self.emb = nn.Linear(input_dim, hidden_dim)
         layer_class = MACLayer if mac_order == "reference" else CausalMACLayer
