@@ -12,6 +12,7 @@ group, after it has seen the earlier groups only (causal). See REFERENCE.md of t
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ def check_arguments(**v: Any) -> None:
     ``randn``, a division by zero in an initialiser), or not at all (a zero-width layer trains).
     """
     d = v["hidden_dim"]
-    divisors = [n for n in range(1, d + 1) if d % n == 0] if d >= 1 else []
+    divisors = _divisors(d)
     rules = (  # in order: the first broken one is reported
         ("context_window", v["context_window"] >= 1, "at least 1"),
         ("hidden_dim", d >= 1, "at least 1"),
@@ -50,6 +51,12 @@ def check_arguments(**v: Any) -> None:
     for name, ok, allowed in rules:
         if not ok:
             raise ValueError(f"--model.{name}={v[name]!r} is not allowed: it must be {allowed}")
+
+
+def _divisors(n: int) -> list[int]:
+    """The positive divisors of n, ascending (none for n < 1)."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0] if n >= 1 else []
+    return sorted(set(small + [n // k for k in small]))
 
 
 class MACLayer(nn.Module):
