@@ -245,10 +245,134 @@ def test_probe_runs_once_per_strategy_and_can_be_skipped(tmp_path, monkeypatch):
 
 
 def test_probe_passes_options_to_the_throwaway_memory(tmp_path):
-    code = ("def apply_update(memory, grads, surprise):\n"
+    code = ("DEFAULTS = {'step': 0.1}  # declared, so that the option is accepted\n"
+            "def apply_update(memory, grads, surprise):\n"
             "    step = memory.options['step']  # no default: the options must be there\n"
             "    return {n: w - step * grads[n] for n, w in memory.weights.items()}\n")
     path = write_rule(tmp_path, code)
     with pytest.raises(StrategyError, match=r"`apply_update` raised KeyError: 'step'"):
         load_strategy(str(path))
     assert load_strategy(str(path), options={"step": 0.1}).__name__.startswith("titans_user")
+
+
+# -- strategy strings that are not one --------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["", "   "])
+def test_empty_strategy_says_what_is_expected(spec):
+    with pytest.raises(StrategyError, match=r"\(--model\.strategy\) is an empty string; pass a "
+                                            r"built-in name \(adam_gated.*a dotted module.*\.py"):
+        load_strategy(spec)
+
+
+@pytest.mark.parametrize("name", ["rules/mine", "rules/mine.txt"])
+def test_path_not_ending_in_py_says_so(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "mine.txt").write_text("not python")
+    with pytest.raises(StrategyError, match=rf"'{name}' looks like a path but does not end in "
+                                            r"\.py; a strategy file must be a Python file"):
+        load_strategy(name)
+    write_rule(tmp_path / "rules", name="mine.py")  # the file it probably meant
+    with pytest.raises(StrategyError, match=r"does not end in \.py \(did you mean "
+                                            r"'rules/mine\.py'\?\)"):
+        load_strategy(name)
+
+
+def test_bad_strings_are_strategy_errors_through_the_module(in_tmp):
+    # the module asks for the rule's source before it builds the model: that must not fail first
+    from titans_lightning.module import TitansForecaster
+
+    for spec, message in [("", "is an empty string"), ("rules/mine", "does not end in .py"),
+                          ("no_such_pkg.rule", "unknown memory strategy")]:
+        with pytest.raises(StrategyError, match=message):
+            TitansForecaster(strategy=spec, context_window=4, dim_feedforward=16)
+
+
+def test_misspelt_builtin_gets_a_suggestion():
+    with pytest.raises(StrategyError, match=r"unknown memory strategy 'titans_defualt' \(did you "
+                                            r"mean 'titans_default'\?\): not a built-in"):
+        load_strategy("titans_defualt")
+
+
+@pytest.mark.parametrize("code, problem", [
+    ("def compute_surprise(memory, keys):\n    return keys.sum()\n",
+     r"too few parameters \(it takes 2, the harness passes 3\)"),
+    ("def compute_surprise(memory, keys, values, scale):\n    return keys.sum()\n",
+     r"too many parameters \(it requires 4, the harness passes 3\)"),
+    ("def compute_surprise(memory, keys, values, *, scale):\n    return keys.sum()\n",
+     r"too many parameters \(keyword-only scale, which the harness never passes\)"),
+])
+def test_wrong_signature_says_too_few_or_too_many(tmp_path, code, problem):
+    with pytest.raises(StrategyError, match=r"expected compute_surprise\(memory, keys, values\): "
+                                            + problem):
+        load_strategy(str(write_rule(tmp_path, code)))
+
+
+def test_optional_extra_parameters_are_fine(tmp_path):
+    code = ("from titans_lightning.strategies.titans_default import compute_surprise as _default\n"
+            "def compute_surprise(memory, keys, values, scale=1.0, *rest, **more):\n"
+            "    return scale * _default(memory, keys, values)\n")
+    assert load_strategy(str(write_rule(tmp_path, code))).compute_surprise
+
+
+# -- options: checked against the rule's DEFAULTS ---------------------------------------------------
+def test_unknown_option_names_the_near_miss_and_the_declared_options():
+    with pytest.raises(StrategyError, match=r"'titans_default' has no option 'thetta' \(did you "
+                                            r"mean 'theta'\?\); the options it declares \(its "
+                                            r"DEFAULTS\) are alpha, eta, theta$"):
+        NeuralMemory(strategy="titans_default", options={"thetta": 0.1})
+    with pytest.raises(StrategyError, match=r"no option 'momentum'; the options"):
+        load_strategy("adam_gated", options={"momentum": 0.9})
+
+
+@pytest.mark.parametrize("strategy, option, value, expected", [
+    ("titans_default", "theta", "0.1", r"a number \(an int or a float\), like its default 0\.01; "
+                                       r"got str '0\.1'"),
+    ("titans_default", "eta", [0.9], r"a number .*; got a list of 1"),
+    ("titans_default", "alpha", True, r"a number .*; got bool True"),
+    ("multi_step", "steps", 2.5, r"a whole number \(an int, or a float such as 2\.0\), like its "
+                                 r"default 2; got float 2\.5"),
+    ("multi_step", "steps", False, r"a whole number .*; got bool False"),
+    ("multi_step", "steps", "3", r"a whole number .*; got str '3'"),
+])
+def test_option_of_the_wrong_type_names_the_option_and_the_type(strategy, option, value,
+                                                                  expected):
+    with pytest.raises(StrategyError, match=rf"'{strategy}': option '{option}' must be {expected}"):
+        NeuralMemory(strategy=strategy, options={option: value})
+
+
+@pytest.mark.parametrize("strategy, options", [
+    ("titans_default", {"theta": 1}),  # an int is a fine float
+    ("multi_step", {"steps": 3.0}),  # a whole float a fine int
+    ("omega_window", {"window": 3, "max_rows": 2}),
+])
+def test_options_of_the_declared_types_are_accepted(strategy, options):
+    assert NeuralMemory(strategy=strategy, options=options).options == options
+
+
+def test_declared_options_are_checked_in_a_users_rule_too(tmp_path):
+    path = write_rule(tmp_path)  # the template declares DEFAULTS
+    with pytest.raises(StrategyError, match=r"no option 'thetaa' \(did you mean 'theta'\?\)"):
+        load_strategy(str(path), options={"thetaa": 0.1})
+
+
+def test_a_rule_without_defaults_gets_its_options_unchecked(tmp_path):
+    code = ("del DEFAULTS  # nothing declared\n"
+            "def apply_update(memory, grads, surprise):\n"
+            "    step = memory.options.get('step', 0.1)\n"
+            "    return {n: w - step * grads[n] for n, w in memory.weights.items()}\n")
+    path = write_rule(tmp_path, code)
+    memory = NeuralMemory(strategy=str(path), options={"step": 0.2, "anything": "goes"})
+    assert memory.options == {"step": 0.2, "anything": "goes"}
+
+
+# -- strategy state: a misspelt name gets a suggestion ----------------------------------------------
+def test_unknown_state_name_suggests_a_registered_one():
+    memory = NeuralMemory(strategy="titans_default")
+    with pytest.raises(KeyError, match=r"no strategy state named 'momentm' \(did you mean "
+                                       r"'momentum'\?\); create it"):
+        memory.state["momentm"]
+    with pytest.raises(KeyError, match=r"strategy state 'key_projection' \(did you mean "
+                                       r"'key_proj'\?\) was not registered"):
+        memory.state["key_projection"] = torch.zeros(16, 16)
+    with pytest.raises(KeyError, match=r"no strategy state named 'zzz'; create it"):
+        memory.state["zzz"]

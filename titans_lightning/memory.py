@@ -50,13 +50,16 @@ class StrategyState(Mapping[str, Tensor]):
         if value is None:
             value = holder._parameters.get(name)
         if value is None:
-            raise KeyError(f"no strategy state named {name!r}; create it in init_memory_state "
-                           f"with memory.register_state({name!r}, tensor)")
+            from .strategy import did_you_mean  # only on this error path
+            raise KeyError(f"no strategy state named {name!r}{did_you_mean(name, self)}; create "
+                           f"it in init_memory_state with memory.register_state({name!r}, tensor)")
         return value
 
     def __setitem__(self, name: str, value: Tensor) -> None:
         if name not in self:
-            raise KeyError(f"strategy state {name!r} was not registered in init_memory_state")
+            from .strategy import did_you_mean  # only on this error path
+            raise KeyError(f"strategy state {name!r}{did_you_mean(name, self)} was not registered "
+                           "in init_memory_state")
         if isinstance(getattr(self._holder, name), nn.Parameter):
             raise KeyError(f"strategy state {name!r} is learnable; the outer optimiser owns it")
         if not isinstance(value, Tensor):

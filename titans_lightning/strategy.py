@@ -30,6 +30,13 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   tensor so that a non-finite update can be rolled back). A gated rule reports the fraction of
   the update it applied with ``memory.report_gate(rate)``; ungated rules need not (rate 1.0).
 
+Options: a rule declares the options it reads as a module-level ``DEFAULTS = {name: default}``,
+and declaring them is how it gets them checked. :func:`load_strategy` then refuses an option that
+``DEFAULTS`` does not hold (naming the near miss: ``thetta``, did you mean ``theta``?) and a value
+of another type than its default (a number for a float, a whole number for an int, a bool for a
+bool; a bool is not a number), so a typo cannot silently run the rule with its default. A rule
+without ``DEFAULTS`` gets its options as they are, unchecked.
+
 Optional, beyond the four functions: ``DIFFERENTIABLE = True`` keeps the graph of every update
 while training (the outer optimiser then learns ``learnable=True`` state through the memory's
 updates); ``reduce_across_ranks(memory, surprise, grads, rows)`` replaces how the surprise and
@@ -55,10 +62,13 @@ run. The probe runs once per strategy and options, and leaves the global random 
 from __future__ import annotations
 
 import contextvars
+import difflib
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
+import numbers
 import pkgutil
 import sys
 import traceback
@@ -118,12 +128,15 @@ def load_strategy(spec: str | ModuleType | Any, probe: bool = True,
                   options: Mapping[str, Any] | None = None) -> Any:
     """Resolve ``spec`` (built-in name, dotted module, ``.py`` path or object) and check it.
 
+    ``options`` are checked against the strategy's ``DEFAULTS``, where it declares them.
     ``probe`` runs the four functions once on tiny tensors (with ``options`` as
     ``memory.options``); a strategy that passed is not probed again with the same options.
     """
     strategy = _resolve(spec) if isinstance(spec, str) else spec
     where = _describe(spec)
     check_contract(strategy, where)
+    if options:
+        check_options(strategy, where, options)
     if probe and not _probing.get():
         probe_strategy(strategy, where, options)
     return strategy
@@ -139,14 +152,81 @@ def check_contract(strategy: Any, where: str) -> None:
                 f"all four of: {', '.join(_signature(n) for n in CONTRACT)}"
             )
         try:
-            inspect.signature(fn).bind(*params)
-        except TypeError as err:
-            raise StrategyError(
-                f"memory strategy {where}: `{name}` has the signature "
-                f"{name}{inspect.signature(fn)}, expected {_signature(name)} ({err})"
-            ) from None
+            signature = inspect.signature(fn)
         except ValueError:  # builtins without an introspectable signature
             continue
+        try:
+            signature.bind(*params)
+        except TypeError as err:
+            raise StrategyError(
+                f"memory strategy {where}: `{name}` has the signature {name}{signature}, "
+                f"expected {_signature(name)}: {_arity_problem(signature, len(params), err)}"
+            ) from None
+
+
+def _arity_problem(signature: inspect.Signature, n: int, err: TypeError) -> str:
+    """Why ``n`` positional arguments (what the harness passes) do not bind to ``signature``."""
+    kinds = inspect.Parameter
+    params = signature.parameters.values()
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY,
+                                                  kinds.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    keyword_only = [p.name for p in params if p.kind is kinds.KEYWORD_ONLY and p.default is p.empty]
+    if len(positional) < n and not any(p.kind is kinds.VAR_POSITIONAL for p in params):
+        return f"too few parameters (it takes {len(positional)}, the harness passes {n})"
+    if len(required) > n:
+        return f"too many parameters (it requires {len(required)}, the harness passes {n})"
+    if keyword_only:
+        return (f"too many parameters (keyword-only {', '.join(keyword_only)}, which the harness "
+                "never passes)")
+    return str(err)
+
+
+def check_options(strategy: Any, where: str, options: Mapping[str, Any]) -> None:
+    """Refuse an option the strategy's ``DEFAULTS`` does not declare, or a value of another type.
+
+    Unchecked, a misspelt option (``thetta``) would run the rule silently with its default, and
+    a string would fail deep inside an update. A strategy without ``DEFAULTS`` is not checked.
+    """
+    declared = getattr(strategy, "DEFAULTS", None)
+    if not isinstance(declared, Mapping):
+        return
+    for key, value in options.items():
+        if key not in declared:
+            raise StrategyError(
+                f"memory strategy {where} has no option {key!r}{did_you_mean(key, declared)}; "
+                f"the options it declares (its DEFAULTS) are {', '.join(map(str, declared))}")
+        expected = _expected_type(declared[key], value)
+        if expected is not None:
+            raise StrategyError(
+                f"memory strategy {where}: option {key!r} must be {expected}, like its default "
+                f"{declared[key]!r}; got {_show(value)}")
+
+
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What ``value`` should be, judged by the option's default; None where it fits.
+
+    A bool is not a number here (True would pass for 1), an int is a fine float, and a whole
+    float a fine int (2.0 steps); None as the default accepts anything.
+    """
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false (a bool)"
+    if isinstance(default, numbers.Integral):
+        whole = isinstance(value, numbers.Integral) or (
+            is_number and math.isfinite(value) and float(value).is_integer())
+        return None if is_number and whole else "a whole number (an int, or a float such as 2.0)"
+    if isinstance(default, numbers.Real):
+        return None if is_number else "a number (an int or a float)"
+    return None if isinstance(value, type(default)) else f"a {type(default).__name__}"
+
+
+def did_you_mean(name: Any, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a misspelt ``name``, or ``""``."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # -- the probe ----------------------------------------------------------------------------------
@@ -303,12 +383,15 @@ def strategy_source(spec: str) -> dict[str, str] | None:
     """The source of a user strategy, ``{"file", "sha256", "source"}``, kept with checkpoints
     and results so that they say which rule produced them even after the file is edited or
     moved; None for a built-in (the package's commit identifies it)."""
-    if not isinstance(spec, str) or spec in builtin_strategies():
+    if not isinstance(spec, str) or spec in builtin_strategies() or not spec.strip():
         return None
-    if spec.endswith(".py") or "/" in spec or "\\" in spec:
-        path = Path(spec)
+    if _is_path(spec):
+        path = Path(spec) if spec.endswith(".py") else None  # others: load_strategy says why
     else:
-        found = importlib.util.find_spec(spec)
+        try:
+            found = importlib.util.find_spec(spec)
+        except (ImportError, ValueError):  # a missing parent package: load_strategy says so
+            found = None
         path = Path(found.origin) if found is not None and found.origin else None
     if path is None or not path.is_file():
         return None
@@ -317,23 +400,44 @@ def strategy_source(spec: str) -> dict[str, str] | None:
             "source": text}
 
 
+KINDS_OF_SPEC = ("a built-in name ({builtins}), a dotted module (my_pkg.my_rule) or a path to a "
+                 ".py file (path/to/rule.py)")
+
+
+def _is_path(spec: str) -> bool:
+    """Whether ``spec`` names a file rather than a module: a .py name, a separator, a file."""
+    return (spec.endswith(".py") or "/" in spec or "\\" in spec
+            or (bool(Path(spec).suffix) and Path(spec).is_file()))
+
+
 def _resolve(spec: str) -> ModuleType:
-    if spec.endswith(".py") or "/" in spec or "\\" in spec:
-        return _load_file(Path(spec))
     builtins = builtin_strategies()
+    kinds = KINDS_OF_SPEC.format(builtins=", ".join(builtins))
+    if not spec.strip():
+        raise StrategyError(f"the memory strategy (--model.strategy) is an empty string; pass "
+                            f"{kinds}")
+    if _is_path(spec):
+        return _load_file(Path(spec))
     name = f"titans_lightning.strategies.{spec}" if spec in builtins else spec
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name is not None and name.startswith(err.name):
             raise StrategyError(
-                f"unknown memory strategy {spec!r}: not a built-in ({', '.join(builtins)}), "
-                f"not an importable module, and not a path to a .py file"
+                f"unknown memory strategy {spec!r}{did_you_mean(spec, builtins)}: not a built-in "
+                f"({', '.join(builtins)}), not an importable module, and not a path to a .py file"
             ) from None
         raise
 
 
 def _load_file(path: Path) -> ModuleType:
+    if path.suffix != ".py":
+        beside = path.with_suffix(".py")
+        hint = f" (did you mean {str(beside)!r}?)" if beside.is_file() else ""
+        raise StrategyError(
+            f"memory strategy {str(path)!r} looks like a path but does not end in .py{hint}; a "
+            "strategy file must be a Python file, path/to/rule.py (or pass a built-in name or a "
+            "dotted module)")
     if not path.is_file():
         raise StrategyError(
             f"memory strategy file {str(path)!r} not found (resolved to {path.resolve()}); "
