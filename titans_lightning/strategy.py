@@ -432,8 +432,8 @@ def _resolve(spec: str) -> ModuleType:
 
 def _load_file(path: Path) -> ModuleType:
     if path.suffix != ".py":
-        beside = path.with_suffix(".py")
-        hint = f" (did you mean {str(beside)!r}?)" if beside.is_file() else ""
+        beside = path.with_suffix(".py") if path.name else None  # "/" has no name to suffix
+        hint = f" (did you mean {str(beside)!r}?)" if beside and beside.is_file() else ""
         raise StrategyError(
             f"memory strategy {str(path)!r} looks like a path but does not end in .py{hint}; a "
             "strategy file must be a Python file, path/to/rule.py (or pass a built-in name or a "
