@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.multiprocessing import start_processes
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from datamodules import SinwaveDataModule
 from titans_lightning.distributed import (RankMajorSampler, all_reduce_mean, broadcast_memory,
@@ -305,3 +305,40 @@ def test_each_rank_resumes_its_own_random_stream(tmp_path):
     assert not torch.equal(rank0["expected"], rank1["expected"])
     for rank in (rank0, rank1):
         assert torch.equal(rank["resumed"], rank["expected"])
+
+
+class UnevenSinwave(SameOrderSinwave):
+    """Rank 1 gets one training batch fewer, as a datamodule without the rank sampler might."""
+
+    def train_dataloader(self) -> DataLoader:
+        loader = super().train_dataloader()
+        if dist.get_rank() == 0:
+            return loader
+        kept = list(loader.sampler)[:-self.batch_size]
+        return DataLoader(Subset(loader.dataset, kept), batch_size=self.batch_size)
+
+
+def test_ranks_that_would_run_different_batches_fail_instead_of_hanging(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0,
+        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False)
+    with warnings.catch_warnings(), pytest.raises(Exception, match="ranks disagree") as info:
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers).*")
+        trainer.fit(model, UnevenSinwave(batch_size=2, **DATA))
+    assert "batches: rank 0 8, rank 1 7" in str(info.value)
+
+
+def test_overfit_batches_is_refused_on_several_ranks(tmp_path):
+    model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, overfit_batches=2,
+        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False)
+    with warnings.catch_warnings(), pytest.raises(Exception, match="overfit_batches replaces"):
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers|overfit).*")
+        trainer.fit(model, SameOrderSinwave(batch_size=2, **DATA))

@@ -180,6 +180,28 @@ class RankMajorSampler(DistributedSampler):
         return iter(mine)
 
 
+def check_ranks_agree(batches: int, seq_len: int | None, epoch: int) -> None:
+    """Fail, naming the difference, when the ranks would run different numbers of training
+    batches or sequence lengths: each batch makes two all-reduces per window group inside the
+    forward, so such ranks would wait on each other until the backend's timeout (30 minutes for
+    NCCL). One all-gather per epoch."""
+    if world_size() < 2:
+        return
+    mine = {"batches": batches, "seq_len": seq_len}
+    every: list[Any] = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    differing = [key for key in mine if len({rank[key] for rank in every}) > 1]
+    if differing:
+        seen = "; ".join(f"{key}: " + ", ".join(f"rank {r} {rank[key]}"
+                                               for r, rank in enumerate(every))
+                         for key in differing)
+        raise RuntimeError(
+            f"the ranks disagree at the start of training epoch {epoch} ({seen}); the shared "
+            "memory combines every update across ranks, so they must run the same number of "
+            "batches of the same length. Use a sampler that gives every rank the same number "
+            "of batches (datamodules.base uses RankMajorSampler) and sequences of one length.")
+
+
 def warn_if_split_is_divided(loaders: Any, stage: str) -> None:
     """Warn when a distributed sampler hands each rank only part of an evaluation split: each
     rank's memory then sees other sequences and the logged metrics are rank 0's part only."""

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from .distributed import (broadcast_memory, keep_buffers_local, reduce_hook,
+from .distributed import (broadcast_memory, check_ranks_agree, keep_buffers_local, reduce_hook,
                           warn_if_split_is_divided)
 from .model import MACTitan
 from .strategy import strategy_source
@@ -214,6 +214,11 @@ class TitansForecaster(L.LightningModule):
         loops = (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop)
         if any(loop.inference_mode for loop in loops):
             raise RuntimeError(INFERENCE_MODE_ERROR)
+        if self.trainer.world_size > 1 and self.trainer.overfit_batches:
+            raise ValueError(
+                "--trainer.overfit_batches replaces the rank sampler, so every rank would train "
+                "on the same sequences; it works on one process only (drop it, or use "
+                "--trainer.limit_train_batches)")
         precision = str(self.trainer.precision)
         if precision not in SUPPORTED_PRECISION:
             raise ValueError(
@@ -227,6 +232,12 @@ class TitansForecaster(L.LightningModule):
     def on_fit_start(self) -> None:
         self._attempt_started = time.perf_counter()
         broadcast_memory(self.model)
+
+    def on_train_epoch_start(self) -> None:
+        if self.trainer.world_size > 1:
+            check_ranks_agree(self.trainer.num_training_batches,
+                              first_sequence_length(self.trainer.train_dataloader),
+                              self.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.combine_memory_updates(self.trainer.world_size > 1
@@ -303,6 +314,15 @@ class TitansForecaster(L.LightningModule):
             restore_rng_states(states)
         self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
         follow_checkpoint_folders(self._trainer, checkpoint)
+
+
+def first_sequence_length(loader: Any) -> int | None:
+    """Steps of the first training sequence, where the loader's dataset can say."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return int(dataset[0]["inputs"].shape[0])
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def follow_checkpoint_folders(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
