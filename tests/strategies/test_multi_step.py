@@ -38,7 +38,7 @@ def test_two_updates_of_three_steps_follow_the_formulas(clip, num_layers):
 
 
 def test_one_step_is_meta_nlms():
-    memories = [make_memory(name, steps=1, **OPTIONS) for name in ("multi_step", "meta_nlms")]
+    memories = [make_memory("multi_step", steps=1, **OPTIONS), make_memory("meta_nlms", **OPTIONS)]
     for x in chunks(3):
         for memory in memories:
             memory.update(x)

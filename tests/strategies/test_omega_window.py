@@ -52,7 +52,8 @@ def test_updates_follow_the_formulas_over_the_window(window, clip):
 
 
 def test_window_one_is_meta_nlms():
-    memories = [make_memory(name, window=1, **OPTIONS) for name in ("omega_window", "meta_nlms")]
+    memories = [make_memory("omega_window", window=1, **OPTIONS),
+                make_memory("meta_nlms", **OPTIONS)]
     assert memories[0].state["past_keys"].shape == (1, 0, 1024, 4)
     for x in chunks([5, 3, 6]):
         for memory in memories:
