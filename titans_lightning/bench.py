@@ -145,7 +145,8 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     record = {**result, "benchmark": benchmark, "strategy": strategy,
               "strategy_options": args.options, "memory_scope": args.scope,
               "mac_order": args.order, "protocol": args.protocol, "seed": seed,
-              "label": args.label, "fit_args": argv, "extra_args": args.extra, "attempts": attempts,
+              "label": args.label, "fit_args": argv, "extra_args": args.extra,
+              "threads": args.threads, "attempts": attempts,
               "fit_wall_s": result["wall_s"],
               "wall_s": round(sum(a["wall_s"] for a in attempts), 1)}
     out.parent.mkdir(parents=True, exist_ok=True)
