@@ -108,3 +108,15 @@ def test_a_checkpoint_write_that_fails_midway_keeps_a_whole_last_checkpoint(
     else:  # the fault was on a path the checkpoints never take
         assert epoch == 1
     assert not list(last.parent.glob(".*.partial"))
+
+
+def test_a_bad_setting_is_reported_first_not_after_the_traceback(tiny_sinwave, in_tmp):
+    run = subprocess.run(
+        [sys.executable, "-m", "titans_lightning.cli", "fit", *tiny_sinwave,
+         "--model.nhead", "3"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 1
+    first = next(line for line in run.stderr.splitlines() if line.startswith("titans: "))
+    assert first == ("titans: error: --model.nhead=3 is not allowed: it must be a divisor of "
+                     "--model.hidden_dim=16: [1, 2, 4, 8, 16]")
+    assert run.stderr.index(first) < run.stderr.index("Traceback")

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,11 @@ def checkpoint_epoch(path: str) -> int:
 def main(args: ArgsType = None) -> None:
     try:
         TitansCLI(args)
+    except (ValueError, FloatingPointError) as error:  # bad settings or data, a diverged run
+        # the cause first, not at the end of a long traceback through LightningCLI
+        print(f"titans: error: {error}\n(traceback below)", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
     except SIGTERMException:  # Lightning stops at the next step, as a SystemExit with code 0
         print("titans: stopped by SIGTERM before the run finished, so it has no result; resume "
               "a fit with --ckpt_path RUN/checkpoints/last.ckpt", file=sys.stderr)
