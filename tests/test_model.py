@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from titans_lightning import MACTitan
 
-C, T, B = 4, 19, 2  # 16 windows per sequence: 4 groups of 4 ... and T=19 gives a last group of 4
+C, B = 4, 2  # window 4: a sequence of T steps has T-3 windows, in groups of 4 and a last, shorter one
+T = 19  # 16 windows: four full groups (the parametrised test adds short last groups)
 
 
 def small_model(**kw) -> MACTitan:
@@ -45,8 +46,9 @@ def library_encoder(layer):
     return ref.double().eval()
 
 
-def reference_layer(layer, windows, w, momentum):
-    """One MAC layer over a list of windows, one window at a time, then one memory update."""
+def reference_layer(layer, windows, w, momentum, order="reference"):
+    """One MAC layer over a list of windows, one window at a time, then one memory update; the
+    gate reads the memory after the update (reference order) or before it (causal)."""
     encoder = library_encoder(layer)
     ys = []
     for x in windows:  # x: (C, d)
@@ -54,27 +56,45 @@ def reference_layer(layer, windows, w, momentum):
         h = mlp(w, q)
         ctx = torch.cat([layer.persistent, h, x])[None]  # (1, P+2C, d)
         ys.append(layer.project(F.silu(encoder(ctx)).flatten()).view(C, -1))
-    w, momentum = reference_update(layer.memory, w, momentum, torch.cat(ys))
-    outs = [y * torch.sigmoid(mlp(w, F.normalize(layer.query(y), dim=-1))) for y in ys]
-    return outs, w, momentum
+    new_w, momentum = reference_update(layer.memory, w, momentum, torch.cat(ys))
+    gate = new_w if order == "reference" else w
+    outs = [y * torch.sigmoid(mlp(gate, F.normalize(layer.query(y), dim=-1))) for y in ys]
+    return outs, new_w, momentum
 
 
-def test_chunked_forward_equals_per_window_loop():
-    model = small_model()
-    inputs = torch.randn(B, T, 1, dtype=torch.double)
-    mems = [m.weights for m in model.memories]
+def per_window_forward(model, inputs, order, sequences):
+    """REFERENCE.md's forward, one window at a time, with one memory for ``sequences``: the
+    predictions (B, T, 1) at those sequences' rows, and the memories' final weights."""
+    T = inputs.shape[1]
+    mems = [m.weights for m in model.memories]  # the starting weights
     moms = [{n: torch.zeros_like(t) for n, t in m.items()} for m in mems]
-    expected = torch.zeros(B, T, 1, dtype=torch.double)
+    expected = torch.zeros(inputs.shape, dtype=torch.double)
+    emb = model.emb(inputs)
+    for start in range(C - 1, T, C):  # windows grouped by C consecutive end positions
+        ends = [(b, t) for b in sequences for t in range(start, min(start + C, T))]
+        xs = [emb[b, t - C + 1:t + 1] for b, t in ends]
+        for i, layer in enumerate(model.layers):
+            outs, mems[i], moms[i] = reference_layer(layer, xs, mems[i], moms[i], order)
+            xs = [x + F.silu(o) for x, o in zip(xs, outs)]
+        for (b, t), x in zip(ends, xs):
+            expected[b, t] = model.head(x.flatten())
+    return expected, mems
+
+
+@pytest.mark.parametrize("scope", ["shared", "per_sequence"])
+@pytest.mark.parametrize("order", ["reference", "causal"])
+@pytest.mark.parametrize("T", [17, 18, 19, 20])  # last group of 2, 3, 4 (full) and 1 windows
+def test_chunked_forward_equals_per_window_loop(T, order, scope):
+    model = small_model(mac_order=order, memory_scope=scope)
+    inputs = torch.randn(B, T, 1, dtype=torch.double)
     with torch.no_grad():
-        emb = model.emb(inputs)
-        for start in range(C - 1, T, C):  # windows grouped by C consecutive end positions
-            ends = [(b, t) for b in range(B) for t in range(start, min(start + C, T))]
-            xs = [emb[b, t - C + 1:t + 1] for b, t in ends]
-            for i, layer in enumerate(model.layers):
-                outs, mems[i], moms[i] = reference_layer(layer, xs, mems[i], moms[i])
-                xs = [x + F.silu(o) for x, o in zip(xs, outs)]
-            for (b, t), x in zip(ends, xs):
-                expected[b, t] = model.head(x.flatten())
+        if scope == "shared":  # one memory for the whole batch
+            expected, mems = per_window_forward(model, inputs, order, range(B))
+        else:  # each sequence its own, from the starting weights
+            runs = [per_window_forward(model, inputs, order, [b]) for b in range(B)]
+            expected = sum(run[0] for run in runs)
+            mems = [{n: torch.cat([run[1][i][n] for run in runs]) for n in runs[0][1][i]}
+                    for i in range(len(model.memories))]
         preds, valid = model(inputs)
     assert torch.equal(valid, torch.arange(T) >= C - 1)
     torch.testing.assert_close(preds, expected, rtol=1e-9, atol=1e-10)
