@@ -127,6 +127,15 @@ def test_predict_writes_a_row_per_sequence_and_target_position(tiny_sinwave, tin
     test_split = make_sinwave_splits(20, T, seed=0)["test"][..., 0]  # (n, T)
     expected = test_split[frame["sequence"], frame["position"]]
     np.testing.assert_allclose(frame["target"], expected, rtol=1e-6)
+    # the prediction at position p is the forecast the model made at step p-1 (replayed on the
+    # checkpoint's memory: the predict split is one batch here)
+    model = TitansForecaster.load_from_checkpoint(ckpt).model.eval()
+    with torch.no_grad():
+        preds, _ = model(torch.as_tensor(test_split[..., None], dtype=torch.float32))  # (n, T, 1)
+    made_at = preds[frame["sequence"].to_numpy(), frame["position"].to_numpy() - 1, 0].numpy()
+    valid = frame["valid"].to_numpy()
+    np.testing.assert_allclose(frame["prediction"].to_numpy()[valid], made_at[valid], rtol=1e-5,
+                               atol=1e-6)
 
 
 def titans_command() -> list[str]:
@@ -145,3 +154,23 @@ def test_inference_mode_on_the_command_line_fails_with_a_clear_message(tiny_sinw
     last_line = run.stderr.strip().splitlines()[-1]
     assert last_line.startswith("RuntimeError: the neural memory learns during validation")
     assert "inference_mode=False" in last_line
+
+
+def test_the_best_validation_epoch_is_the_one_tested_and_recorded(tiny_sinwave, in_tmp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "5"])
+    run = Path(cli.trainer.log_dir)
+    result = json.loads((run / "result.json").read_text())
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("val/mse")]  # one per epoch, in order
+    assert len(logged) == 5
+    assert result["best_epoch"] == int(np.argmin(logged)) != 4  # not simply the last epoch
+    assert result["val_mse"] == pytest.approx(min(logged), rel=1e-6)
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert torch.load(best, weights_only=True)["epoch"] == result["best_epoch"]
+    rescored = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", best])
+    assert result["test_mse"] == pytest.approx(
+        float(rescored.trainer.callback_metrics["test/mse"]), rel=1e-6)
+    assert result["commit"] and len(result["commit"]) == 40
