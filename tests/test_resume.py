@@ -107,3 +107,27 @@ def test_resuming_needs_the_checkpoint_in_its_run_folder(tiny_sinwave, in_tmp):
     loose.write_bytes(Path(first.trainer.checkpoint_callback.last_model_path).read_bytes())
     with pytest.raises(ValueError, match="RUN/checkpoints/NAME.ckpt"):
         TitansCLI(["fit", *tiny_sinwave, "--ckpt_path", str(loose)])
+
+
+@pytest.mark.parametrize("setting", [
+    ["--model.strategy", "adam_gated"],
+    ["--model.strategy", "meta_nlms", "--model.memory_scope", "per_sequence"],
+    ["--model.eval_protocol", "reference", "--data.init_args.shuffle_eval", "true"],
+], ids=["adam_gated", "meta_nlms-per_sequence", "reference-protocol"])
+def test_resume_matrix_killed_mid_epoch(tiny_sinwave, in_tmp, setting):
+    """Other rules (a gate's running statistics, a differentiable rule's learned state), the
+    per-sequence scope and the reference protocol (dropout on while scoring, shuffled
+    evaluation) resume to the same record and the same last checkpoint."""
+    args = [*tiny_sinwave, "--trainer.max_epochs", "3", *setting]
+    straight_cli = TitansCLI(["fit", *args])
+    straight = result_of(straight_cli)
+    run = killed_fit(args, '{"step": 6}')  # epoch 1, batch 2
+    assert run.returncode == -9, run.stderr[-2000:]
+    folder = in_tmp / "logs" / "sinwave" / "version_1"
+    resumed_cli = TitansCLI(["fit", *args, "--ckpt_path",
+                             str(folder / "checkpoints" / "last.ckpt")])
+    resumed = result_of(resumed_cli)
+    for key in ("best_epoch", "val_mse", "test_mse", "test_mae"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+    assert_same_tensors(last_checkpoint(straight_cli)["state_dict"],
+                        last_checkpoint(resumed_cli)["state_dict"])
