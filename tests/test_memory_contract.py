@@ -189,3 +189,29 @@ def test_parameters_and_state_made_after_construction_are_refused(late):
     memory = broken_memory(apply_update=makes_it_late)
     with pytest.raises(StrategyError, match=f"called memory.{late}.* outside init_memory_state"):
         memory.update(torch.randn(1, 8, 16))
+
+
+@pytest.mark.parametrize("fault", ["overflow", "inf input"])
+def test_a_skipped_slot_of_a_differentiable_rule_leaves_the_outer_gradients_exact(fault):
+    """meta_nlms, two slots, slot 1's update overflows: it is skipped, and a loss that reads
+    slot 0 only gets the outer gradients of a memory that held slot 0 alone (not NaN from the
+    discarded branch)."""
+    def outer_gradients(slots: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        memory = NeuralMemory(strategy="meta_nlms")
+        x = torch.randn(2, 8, 16)
+        if fault == "overflow":
+            x[1] *= 1e38  # finite, but the surprise and its gradient overflow
+        else:
+            x[1, 0, 0] = float("inf")
+        memory.start_sequences(slots)
+        memory.update(x[:slots])
+        assert int(memory.skipped_updates) == (1 if slots == 2 else 0)
+        loss = memory.retrieve(torch.randn(slots, 3, 16))[0].pow(2).sum()
+        learned = dict(memory.strategy_state.named_parameters(), start=memory.initial_weights)
+        return dict(zip(learned, torch.autograd.grad(loss, list(learned.values()))))
+
+    alone, with_skipped = outer_gradients(1), outer_gradients(2)
+    for name, grad in with_skipped.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, alone[name], rtol=1e-5, atol=1e-7, msg=name)

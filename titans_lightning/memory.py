@@ -252,9 +252,22 @@ class NeuralMemory(nn.Module):
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
         old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
+        x = x.detach()
+        surprise, grads, new = self._compute(x, old, old_state)
+        check = _detached(surprise) + self._state_flag(old_state)  # NaN where the state is not
+        ok, kept = self._checked(check, grads, new, old)
+        if self.differentiable and torch.is_grad_enabled() and not bool(ok.all()):
+            ok, kept = self._redo_without_skipped(x, old, old_state, ok)
+        self._buffers["fast_weights"] = kept
+        self._commit_state(old_state, ok)
+        self._record(surprise, grads, old, ok)
+        return surprise
+
+    def _compute(self, x: Tensor, old: Tensor, old_state: dict[str, Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """The strategy's (surprise, grads, new flat weights) for ``x``; it assigns its state."""
         versions = [t._version for t in (old, *old_state.values())]  # in-place edits bump them
         self._now.gate = None  # what fused_update reports, if it runs
-        x = x.detach()
         fast = self._fused_update(x)
         if fast is not None:
             surprise, grads, new = fast
@@ -268,11 +281,24 @@ class NeuralMemory(nn.Module):
             raise self._broke("the update", "changed the fast weights or the strategy state in "
                               "place; assign new tensors instead (memory.state[name] = new, and "
                               "return the new weights from apply_update)")
-        check = _detached(surprise) + self._state_flag(old_state)  # NaN where the state is not
-        ok, self._buffers["fast_weights"] = self._checked(check, grads, new, old)
-        self._commit_state(old_state, ok)
-        self._record(surprise, grads, old, ok)
-        return surprise
+        return surprise, grads, new
+
+    def _redo_without_skipped(self, x: Tensor, old: Tensor, old_state: dict[str, Tensor],
+                              ok: Tensor) -> tuple[Tensor, Tensor]:
+        """A differentiable update with skipped slots, done again with their rows zeroed.
+
+        Keeping a skipped slot's old weights discards its branch of the graph, but the backward
+        pass still runs through it: with a zero gradient times an infinite local derivative it
+        would carry NaN into the outer gradients of the parameters every slot shares (K, V, step
+        sizes, the start). The redone branch is finite, so the kept slots' gradients are exact.
+        Costs one host synchronisation per update, only for differentiable rules while training.
+        """
+        self.strategy_state._buffers.update(old_state)
+        x = torch.where(_expand(ok, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        surprise, grads, new = self._compute(x, old, old_state)
+        check = _detached(surprise) + self._state_flag(old_state)
+        ok = ok & _all_finite(check.reshape(self.n_slots, -1), grads, new)
+        return ok, torch.where(ok[:, None], new, old)
 
     def _broke(self, where: str, how: str) -> StrategyError:
         return StrategyError(f"memory strategy {self._strategy_spec!r} broke the contract in "
