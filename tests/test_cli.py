@@ -174,3 +174,12 @@ def test_the_best_validation_epoch_is_the_one_tested_and_recorded(tiny_sinwave, 
     assert result["test_mse"] == pytest.approx(
         float(rescored.trainer.callback_metrics["test/mse"]), rel=1e-6)
     assert result["commit"] and len(result["commit"]) == 40
+
+
+def test_version(capsys):
+    from titans_lightning import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"titans-lightning {__version__} (torch ")

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from . import __version__
 from .module import TitansForecaster
 from .strategy import strategy_source
 from .results import (AtomicCheckpointIO, PredictionWriter, device_name, git_commit,
@@ -53,6 +54,13 @@ class TitansCLI(LightningCLI):
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False, args=args, run=run, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version",
+                            version=f"titans-lightning {__version__} (torch {torch.__version__}, "
+                                    f"lightning {L.__version__})")
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.input_dim", "model.input_dim", apply_on="instantiate")
