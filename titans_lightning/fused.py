@@ -567,6 +567,8 @@ def _build() -> Path:
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    print(f"titans-lightning: compiling the CPU kernels into {target} (once per machine and "
+          "source version, about 20 s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:  # concurrent builds never see half a file
         built = Path(tmp) / target.name
         # With OpenMP the kernels share PyTorch's CPU thread pool (the libgomp.so.1 already
