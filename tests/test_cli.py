@@ -183,3 +183,16 @@ def test_version(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith(f"titans-lightning {__version__} (torch ")
+
+
+def test_the_scalar_tags_are_the_ones_the_readme_names(tiny_sinwave, in_tmp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
+                     "--trainer.callbacks", "[]"])
+    events = EventAccumulator(str(cli.trainer.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/mse", "val/mae", "test/mse", "test/mae"} <= tags
+    assert not {t for t in tags if t.endswith(("_step", "_epoch"))}
+    assert len(events.Scalars("train/loss")) == 2  # one per epoch

@@ -145,8 +145,10 @@ class TitansForecaster(L.LightningModule):
         preds, targets = self.shared_step(batch)
         loss = F.mse_loss(preds, targets)
         self.note_nonfinite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=preds.shape[0], sync_dist=True)  # the global batch's loss
+        # one tag, train/loss: the epoch's mean of the global batches' losses (on_step as well
+        # would split it into train/loss_step and train/loss_epoch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=preds.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
