@@ -133,3 +133,19 @@ def test_concurrent_runs_share_the_cores():
     assert bench.threads_per_run(1, cores=8) == 8
     assert bench.threads_per_run(2, cores=8) == 4
     assert bench.threads_per_run(3, cores=2) == 1
+
+
+def test_names_of_options_and_strategy_files_never_collide_nor_nest(tmp_path):
+    a = bench.run_name("sinwave", "titans_default", "shared", "causal", "default", 0, {"a": [1, 2]})
+    b = bench.run_name("sinwave", "titans_default", "shared", "causal", "default", 0, {"a": 12})
+    assert a != b
+    rule = bench.run_name("sinwave", str(tmp_path / "rules" / "mine.py"), "shared", "causal",
+                          "default", 0)
+    assert "/" not in rule and rule.startswith("sinwave__mine-")
+
+
+def test_a_relative_out_folder_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = bench.parse_args(["--out", "campaign", "--strategies", "rules/mine.py"])
+    assert args.out == tmp_path / "campaign"
+    assert args.strategies == [str(tmp_path / "rules" / "mine.py")]

@@ -70,3 +70,12 @@ def test_a_moved_strategy_file_with_the_same_contents_is_accepted(tiny_sinwave, 
     moved.write_text(moved.read_text() + "\n# edited\n")
     with pytest.raises(ValueError, match="other contents than the checkpoint's rule"):
         TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt, "--model.strategy", str(moved)])
+
+
+def test_a_strategy_file_edited_in_place_is_refused(tiny_sinwave, in_tmp):
+    rule = in_tmp / "mine.py"
+    shutil.copy(EXAMPLE, rule)
+    ckpt = fit_one_epoch(tiny_sinwave, "--model.strategy", str(rule))
+    rule.write_text(rule.read_text() + "\n# edited\n")  # same path, another rule
+    with pytest.raises(ValueError, match="other contents than the checkpoint's rule"):
+        TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt, "--model.strategy", str(rule)])

@@ -342,3 +342,27 @@ def test_overfit_batches_is_refused_on_several_ranks(tmp_path):
     with warnings.catch_warnings(), pytest.raises(Exception, match="overfit_batches replaces"):
         warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers|overfit).*")
         trainer.fit(model, SameOrderSinwave(batch_size=2, **DATA))
+
+
+class ShorterOnRankOne(SameOrderSinwave):
+    """Rank 1's sequences are one step shorter."""
+
+    def setup(self, stage=None):
+        super().setup(stage)
+        if dist.is_initialized() and dist.get_rank() == 1:
+            for split, dataset in self.datasets.items():
+                dataset.inputs, dataset.targets = dataset.inputs[:, :-1], dataset.targets[:, :-1]
+
+
+def test_ranks_with_different_sequence_lengths_fail_naming_it(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0,
+        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False)
+    with warnings.catch_warnings(), pytest.raises(Exception, match="ranks disagree") as info:
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers).*")
+        trainer.fit(model, ShorterOnRankOne(batch_size=2, **DATA))
+    assert "seq_len: rank 0 30, rank 1 29" in str(info.value)

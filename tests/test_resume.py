@@ -101,12 +101,15 @@ def test_a_resume_finds_its_best_score_after_the_run_folder_moved(tiny_sinwave, 
     assert Path(callback.best_model_path).parent == Path(callback.dirpath)
 
 
-def test_resuming_needs_the_checkpoint_in_its_run_folder(tiny_sinwave, in_tmp):
+def test_a_checkpoint_outside_a_run_folder_resumes_into_a_new_one(tiny_sinwave, in_tmp):
     first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
     loose = in_tmp / "loose.ckpt"
     loose.write_bytes(Path(first.trainer.checkpoint_callback.last_model_path).read_bytes())
-    with pytest.raises(ValueError, match="RUN/checkpoints/NAME.ckpt"):
-        TitansCLI(["fit", *tiny_sinwave, "--ckpt_path", str(loose)])
+    with pytest.warns(UserWarning, match="logs to a new run folder"):
+        cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
+                         "--ckpt_path", str(loose)])
+    assert Path(cli.trainer.log_dir).name == "version_1"
+    assert result_of(cli)["status"] == "ok"
 
 
 @pytest.mark.parametrize("setting", [

@@ -23,6 +23,7 @@ GPU many jobs share the card). The exit code is 1 when any run failed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -58,15 +59,32 @@ def say(message: str) -> None:
 
 
 def options_tag(options: dict[str, Any]) -> str:
-    """``{"theta": 0.5}`` -> ``+theta0.5``: the options as part of a run's name."""
+    """``{"theta": 0.5}`` -> ``+theta0.5``: the options as part of a run's name (with a short
+    hash of them where characters had to be dropped, so that names never collide)."""
+    if not options:
+        return ""
     text = "_".join(f"{k}{json.dumps(v)}" for k, v in sorted(options.items()))
-    return "+" + re.sub(r"[^A-Za-z0-9._-]", "", text) if options else ""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "", text)
+    if clean != text:
+        clean += "-" + short_hash(json.dumps(options, sort_keys=True))
+    return "+" + clean
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def strategy_tag(strategy: str) -> str:
+    """A built-in name as it is; a file as its name and a hash of its path (no folders)."""
+    if not strategy.endswith(".py") and "/" not in strategy:
+        return strategy
+    return f"{Path(strategy).stem}-{short_hash(str(Path(strategy).resolve()))}"
 
 
 def run_name(benchmark: str, strategy: str, scope: str, order: str, protocol: str, seed: int,
              options: dict[str, Any] | None = None) -> str:
-    return (f"{benchmark}__{strategy}{options_tag(options or {})}__{scope}__{order}-order__"
-            f"{protocol}-protocol__seed{seed}")
+    return (f"{benchmark}__{strategy_tag(strategy)}{options_tag(options or {})}__{scope}__"
+            f"{order}-order__{protocol}-protocol__seed{seed}")
 
 
 def fit_arguments(args, benchmark: str, strategy: str, seed: int, run_dir: Path) -> list[str]:
@@ -279,6 +297,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--options must be a JSON object, got {args.options!r}")
     if args.threads is None:
         args.threads = threads_per_run(args.jobs)
+    # each run's process works in the package's folder: paths must not depend on this one's
+    args.out = args.out.resolve()
+    args.strategies = [str(Path(s).resolve()) if s.endswith(".py") else s
+                       for s in args.strategies]
     return args
 
 

@@ -8,8 +8,8 @@
 log directory (keys in :mod:`titans_lightning.results`). ``fit --ckpt_path RUN/checkpoints/X.ckpt``
 resumes that run: it continues in the same folder ``RUN`` (same logger version), with the
 checkpoint callback's best score, so the epoch tested at the end is the one an uninterrupted fit
-would have tested. With the progress bar off, every epoch prints one line (epoch, losses, best
-validation MSE, time per epoch and ETA).
+would have tested. With the progress bar off, every validated epoch prints one line (epoch,
+losses, best validation MSE, time per epoch and ETA).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class TitansCLI(LightningCLI):
         if not saved:
             return
         linked = [f"model.{k}: checkpoint {saved[k]!r}, this data {self.model.hparams[k]!r}"
-                  for k in ("input_dim", "output_dim")
+                  for k in sorted(LINKED_FROM_DATA)
                   if k in saved and saved[k] != self.model.hparams[k]]
         if linked:
             raise ValueError("the checkpoint was trained on data of another shape:\n  "
@@ -113,13 +113,18 @@ class TitansCLI(LightningCLI):
             continue_in_run_folder(self.config.fit, self.config.fit.ckpt_path)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run it; a run that fails before it saved anything leaves no empty run folder."""
+        """Run it; a run that fails before its first step leaves no run folder of its own."""
         folder = run_folder(self.trainer)
         existed = folder is not None and folder.exists()
+        resuming = subcommand == "fit" and bool(self.config.fit.ckpt_path)
         try:
-            super()._run_subcommand(subcommand)
+            with warnings.catch_warnings():
+                if resuming:  # continuing in its own, non-empty folder is the point
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
+                super()._run_subcommand(subcommand)
         except BaseException:
-            if folder is not None and not existed and not holds_results(folder):
+            if folder is not None and not existed and self.trainer.global_step == 0 \
+                    and holds_only_setup_files(folder):
                 shutil.rmtree(folder, ignore_errors=True)
             raise
 
@@ -133,8 +138,6 @@ class TitansCLI(LightningCLI):
                 "config.yaml, result.json and checkpoints. Leave the logger's version unset "
                 "(each fit then gets a new version_N), choose another one, or resume that run "
                 f"with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}")
-        if self.config.fit.ckpt_path:  # resuming into its own folder is the point
-            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
         if self.trainer.progress_bar_callback is None:
             self.trainer.callbacks.append(EpochLine())
 
@@ -155,6 +158,8 @@ class TitansCLI(LightningCLI):
         if checkpoint is not None:  # loading the best checkpoint rewound the callback to its state
             checkpoint.load_state_dict(fit_state)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        self.test_updates = difference(self.model.memory_update_counts(),  # so is this
+                                       self.model.counts_before_test)
         if not self.trainer.is_global_zero:
             return
         if log_dir is None:  # no logger (fast_dev_run): nowhere to keep a record
@@ -204,9 +209,7 @@ class TitansCLI(LightningCLI):
             "memory_scope": hparams.memory_scope,
             # slot updates, all memory layers: the fit's (training and validation), and the
             # test's, made on the tested checkpoint's memory
-            "memory_updates": {"fit": self.fit_updates,
-                               "test": difference(self.model.memory_update_counts(),
-                                                  self.model.counts_before_test)},
+            "memory_updates": {"fit": self.fit_updates, "test": self.test_updates},
             "device": device_name(self.trainer),
         }
 
@@ -248,23 +251,23 @@ def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,
         now = model[key]
         if key == "strategy_options":
             before, now = before or {}, now or {}
-        if key == "strategy" and now != before:
-            moved = same_strategy_file(before, now, source)
-            if moved is None:
-                continue
-            problems.append(f"model.strategy: checkpoint {before!r}, this command {now!r}"
-                            f"{moved}")
+        if key == "strategy":
+            why = same_strategy_file(before, now, source)
+            if why is not None:
+                problems.append(f"model.strategy: checkpoint {before!r}, this command {now!r}"
+                                f"{why}")
         elif now != before:
             problems.append(f"model.{key}: checkpoint {before!r}, this command {now!r}")
     return problems
 
 
 def same_strategy_file(before: str, now: str, source: dict[str, str] | None) -> str | None:
-    """None when strategy ``now`` is the checkpoint's rule ``before`` under another path (same
-    contents); otherwise why not, as the end of a message."""
+    """None when strategy ``now`` is the checkpoint's rule ``before`` (the same built-in, or a
+    file or module with the same contents, wherever it is now); otherwise why not, as the end of
+    a message. An edited file under the same path is another rule too."""
     current = strategy_source(now)
-    if current is None:
-        return ""
+    if current is None:  # a built-in (or nothing loadable): only the same name is the same rule
+        return None if now == before else ""
     if source is None:  # a checkpoint without the rule's source: compare with the old file
         old = strategy_source(before) if Path(before).is_file() else None
         if old is None:
@@ -273,8 +276,8 @@ def same_strategy_file(before: str, now: str, source: dict[str, str] | None) -> 
         source = old
     if current["sha256"] == source["sha256"]:
         return None
-    return (" (a file with other contents than the checkpoint's rule; the checkpoint keeps "
-            "that rule's source under 'strategy_source')")
+    return (" (a file with other contents than the checkpoint's rule, edited or another one; "
+            "the checkpoint keeps that rule's source under 'strategy_source')")
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
@@ -289,10 +292,11 @@ def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
     if "://" in ckpt_path or path.suffix != ".ckpt":
         return
     if path.parent.name != "checkpoints":
-        raise ValueError(
-            f"--ckpt_path {ckpt_path}: a fit resumes the run a checkpoint belongs to, so the "
-            "checkpoint must be in its run folder, RUN/checkpoints/NAME.ckpt (where `titans fit` "
-            "saves it); to start a new run from these weights, load them in Python instead")
+        rank_zero_warn(
+            f"--ckpt_path {ckpt_path} is not in a run folder's checkpoints/ (where `titans fit` "
+            "saves it), so the resumed fit logs to a new run folder; its best checkpoint so "
+            "far stays where it is")
+        return
     run = path.parent.parent
     loggers = config.trainer.logger
     for logger in loggers if isinstance(loggers, list) else [loggers]:
@@ -368,8 +372,13 @@ def run_folder(trainer: L.Trainer) -> Path | None:
     return Path(log_dir) if log_dir else None
 
 
-def holds_results(folder: Path) -> bool:
-    return (folder / "result.json").exists() or any((folder / "checkpoints").glob("*.ckpt"))
+SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents")
+
+
+def holds_only_setup_files(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a run writes before its first step."""
+    return all(p.is_dir() and not any(p.iterdir()) or p.name.startswith(SETUP_FILES)
+               for p in folder.iterdir())
 
 
 def warn_without_checkpoint(ckpt_path: str | None, subcommand: str) -> None:

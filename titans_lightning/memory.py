@@ -10,7 +10,9 @@ buffers: the outer optimiser never sees them, ``state_dict`` saves them, ``reset
 them. *How* they learn is delegated to a memory strategy (see :mod:`titans_lightning.strategy`);
 this module is the harness around the four strategy functions: it takes the gradient of the
 surprise, applies the strategy's new weights only where everything is finite, and records
-per-update statistics as device tensors (no host synchronisation per update).
+per-update statistics as device tensors (no host synchronisation per update; the one exception:
+a ``DIFFERENTIABLE`` rule while training reads whether any slot was skipped, to redo such an
+update, see :meth:`NeuralMemory._redo_without_skipped`).
 
 Scopes: the *shared* memory has one slot that persists across chunks, batches and epochs.
 *Per-sequence* memory calls :meth:`NeuralMemory.start_sequences` at the start of every batch:
@@ -297,8 +299,9 @@ class NeuralMemory(nn.Module):
         x = torch.where(_expand(ok, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
         surprise, grads, new = self._compute(x, old, old_state)
         check = _detached(surprise) + self._state_flag(old_state)
-        ok = ok & _all_finite(check.reshape(self.n_slots, -1), grads, new)
-        return ok, torch.where(ok[:, None], new, old)
+        redone_ok = ok & _all_finite(check.reshape(self.n_slots, -1), grads, new)
+        self.skipped_updates.add_((ok & ~redone_ok).sum())  # slots the first pass kept
+        return redone_ok, torch.where(redone_ok[:, None], new, old)
 
     def _broke(self, where: str, how: str) -> StrategyError:
         return StrategyError(f"memory strategy {self._strategy_spec!r} broke the contract in "

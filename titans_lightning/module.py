@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, SequentialSampler
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from .distributed import (broadcast_memory, check_ranks_agree, keep_buffers_local, reduce_hook,
-                          warn_if_split_is_divided)
+from .distributed import (RankMajorSampler, broadcast_memory, check_ranks_agree,
+                          keep_buffers_local, reduce_hook, warn_if_split_is_divided)
 from .model import MACTitan
 from .strategy import strategy_source
 
@@ -142,8 +143,8 @@ class TitansForecaster(L.LightningModule):
         return scored_pairs(preds, batch["targets"], self.hparams.context_window - 1)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        preds, targets = self.shared_step(batch)
-        loss = F.mse_loss(preds, targets)
+        preds, _ = self.run_model(batch)
+        loss = forecast_loss(preds, batch["targets"], self.hparams.context_window - 1)
         self.note_nonfinite(loss)
         # one tag, train/loss: the epoch's mean of the global batches' losses (on_step as well
         # would split it into train/loss_step and train/loss_epoch)
@@ -187,7 +188,11 @@ class TitansForecaster(L.LightningModule):
         """Stop a fit whose training loss went NaN or inf (one host sync, once per epoch),
         before the epoch's checkpoint: NaN weights would be saved as both best and last."""
         first = self._first_nonfinite_step
-        if first is None or int(first) < 0:
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:  # every rank stops, or none: a lone stop would hang
+            first = self.trainer.strategy.reduce(first.clone(), reduce_op="max")
+        if int(first) < 0:
             return
         options = self.hparams.strategy_options or {}
         raise FloatingPointError(
@@ -201,6 +206,15 @@ class TitansForecaster(L.LightningModule):
         self.memory_stats = [memory.pop_history() for memory in self.model.memories]
 
     def memory_update_counts(self) -> dict[str, int]:
+        """See :meth:`local_update_counts`; under DDP with per-sequence memory the skipped slots
+        of every rank (a collective: every rank must call it)."""
+        counts = self.local_update_counts()
+        if self.trainer.world_size > 1 and self.hparams.memory_scope == "per_sequence":
+            skipped = torch.tensor(counts["skipped_slots"], device=self.device)
+            counts["skipped_slots"] = int(self.trainer.strategy.reduce(skipped, reduce_op="sum"))
+        return counts
+
+    def local_update_counts(self) -> dict[str, int]:
         """Updates made by all memory layers since the memory began, and the slots of them that
         were skipped (one per sequence in per-sequence scope; one host sync). The counters are
         buffers, so they continue across checkpoints."""
@@ -319,11 +333,15 @@ class TitansForecaster(L.LightningModule):
 
 
 def first_sequence_length(loader: Any) -> int | None:
-    """Steps of the first training sequence, where the loader's dataset can say."""
-    dataset = getattr(loader, "dataset", None)
+    """Steps of this rank's first training sequence of the epoch, where it can be read without
+    drawing from the global random generator (a sampler of fixed order: the rank sampler, a
+    distributed or a sequential one); None otherwise (not checked)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, (RankMajorSampler, DistributedSampler, SequentialSampler)):
+        return None
     try:
-        return int(dataset[0]["inputs"].shape[0])
-    except (TypeError, KeyError, IndexError, AttributeError):
+        return int(loader.dataset[next(iter(sampler))]["inputs"].shape[0])
+    except (TypeError, KeyError, IndexError, AttributeError, StopIteration):
         return None
 
 
@@ -369,7 +387,12 @@ def capture_rng_states() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # one process per GPU under DDP: its own device's generator (reading every device's
+        # would make each process create a context on all of them)
+        "cuda": (([torch.cuda.get_rng_state()] if torch.distributed.is_initialized()
+                  else torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []),
+        "cuda_device": torch.cuda.current_device() if torch.distributed.is_initialized()
+        and torch.cuda.is_available() else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": random.getstate(),
@@ -402,7 +425,10 @@ def own_rng_states(checkpoint: dict[str, Any], rank: int, world_size: int
 def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+        if states.get("cuda_device") is not None:  # one process's own device
+            torch.cuda.set_rng_state(states["cuda"][0], device=torch.cuda.current_device())
+        else:
+            torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
     numpy = states["numpy"]
     np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["cached_gaussian"]))

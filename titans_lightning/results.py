@@ -2,7 +2,8 @@
 
 ``result.json`` (written after ``titans fit``): one record per run, easy to collect into a table::
 
-    status      ``ok``, or ``nonfinite`` when a score is NaN or infinite (written as null)
+    status      ``ok``, or ``nonfinite`` when a score (val_mse, test_mse, test_mae) is NaN or
+                infinite; such a score is written as null
     config      the full parsed configuration (dict)
     commit      ``git rev-parse HEAD`` of the package's checkout, or null
     seed        the seed the run was started with
@@ -14,8 +15,12 @@
     strategy, memory_scope, device
     strategy_source  for a strategy file or module of the user's: ``{"file", "sha256", "source"}``
                 (the rule as it ran; the checkpoints keep it too), null for a built-in
+    memory_updates   ``{"fit": {"updates", "skipped_slots"}, "test": {...}}``: memory updates
+                (all layers) of the fit (training and validation) and of the test, and how
+                many of their slots were skipped as non-finite (every rank's, per sequence)
 
-The file is strict JSON: a NaN or infinite number is written as null.
+The file is strict JSON: a non-finite score is null; any other non-finite number (an option
+such as ``clip: .inf``) is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
 
 ``predictions.csv`` (written by ``titans predict``): one row per sequence and target position,
 columns ``sequence, position, prediction, target, valid``. ``position`` p is the time step of the
@@ -65,27 +70,29 @@ def device_name(trainer: L.Trainer) -> str:
     return name
 
 
+SCORES = ("val_mse", "test_mse", "test_mae")
+
+
 def write_result(log_dir: str | Path, result: dict[str, Any]) -> Path:
     """Write ``result.json`` (strict JSON, with its ``status``) into ``log_dir``."""
-    finite, record = finite_json(result)
-    record = {"status": "ok" if finite else "nonfinite", **record}
+    bad = [k for k in SCORES if isinstance(result.get(k), float) and not math.isfinite(result[k])]
+    record = {k: None if k in bad else strict_json(v) for k, v in result.items()}
+    record = {"status": "nonfinite" if bad else "ok", **record}
     path = Path(log_dir) / RESULT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
 
 
-def finite_json(value: Any) -> tuple[bool, Any]:
-    """``value`` with every NaN or infinite float replaced by None, and whether none was."""
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float written as a string (``"inf"``, ``"nan"``)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return False, None
+        return str(value)
     if isinstance(value, dict):
-        items = [(k, *finite_json(v)) for k, v in value.items()]
-        return all(ok for _, ok, _ in items), {k: v for k, _, v in items}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        items = [finite_json(v) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    return True, value
+        return [strict_json(v) for v in value]
+    return value
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -129,9 +136,7 @@ def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes The file is strict JSON: a NaN or infinite number is written as null.
-
-``predictions.csv`` (see the module docstring) into the trainer's log directory.
+    """Writes ``predictions.csv`` (see the module docstring) into the trainer's log directory.
 
     The ``titans predict`` command adds one when the config has none.
 
