@@ -196,3 +196,12 @@ def test_the_scalar_tags_are_the_ones_the_readme_names(tiny_sinwave, in_tmp):
     assert {"train/loss", "val/mse", "val/mae", "test/mse", "test/mae"} <= tags
     assert not {t for t in tags if t.endswith(("_step", "_epoch"))}
     assert len(events.Scalars("train/loss")) == 2  # one per epoch
+
+
+def test_default_root_dir_is_refused_where_the_logger_decides(tiny_sinwave, in_tmp):
+    with pytest.raises(ValueError, match="--trainer.logger.init_args.save_dir DIR instead"):
+        TitansCLI(["fit", *tiny_sinwave, "--trainer.default_root_dir", "elsewhere"])
+    cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", "1",
+                     "--trainer.logger.init_args.save_dir", "elsewhere"])
+    assert Path(cli.trainer.log_dir).parts[0] == "elsewhere"

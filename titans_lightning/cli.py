@@ -109,8 +109,15 @@ class TitansCLI(LightningCLI):
                              + "\n  ".join(linked) + "\nUse the datamodule it was trained with.")
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit" and self.config.fit.ckpt_path:
-            continue_in_run_folder(self.config.fit, self.config.fit.ckpt_path)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.default_root_dir is not None and logger_save_dirs(config):
+            raise ValueError(
+                f"--trainer.default_root_dir {config.trainer.default_root_dir} would be ignored: "
+                f"the logger writes the run under its save_dir {logger_save_dirs(config)[0]!r} "
+                "(from the config). Choose where runs go with --trainer.logger.init_args.save_dir "
+                "DIR instead")
+        if self.subcommand == "fit" and config.ckpt_path:
+            continue_in_run_folder(config, config.ckpt_path)
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first step leaves no run folder of its own."""
@@ -278,6 +285,15 @@ def same_strategy_file(before: str, now: str, source: dict[str, str] | None) -> 
         return None
     return (" (a file with other contents than the checkpoint's rule, edited or another one; "
             "the checkpoint keeps that rule's source under 'strategy_source')")
+
+
+def logger_save_dirs(config: Any) -> list[str]:
+    """The ``save_dir`` of every logger of a parsed subcommand config that has one."""
+    loggers = config.trainer.logger
+    return [logger.init_args.save_dir for logger in (loggers if isinstance(loggers, list)
+                                                     else [loggers])
+            if getattr(logger, "init_args", None) is not None
+            and getattr(logger.init_args, "save_dir", None) is not None]
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
