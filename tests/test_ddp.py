@@ -104,18 +104,22 @@ class Run:
 
 def run(directory: Path, devices: int, batch_size: int, stage: str = "fit",
         strategy: str = "titans_default", memory_scope: str = "shared",
-        ckpt_path: Path | None = None) -> Run:
-    """One tiny fit (one epoch, no validation, ``last.ckpt`` saved) or validate."""
+        ckpt_path: Path | None = None, float32: bool = False) -> Run:
+    """One tiny fit (one epoch, no validation, ``last.ckpt`` saved) or validate; in double
+    precision without dropout, or (``float32``) as the benchmarks run: float32, dropout 0.1, the
+    CPU kernels where they are built."""
     L.seed_everything(0, verbose=False)
-    model = TitansForecaster(strategy=strategy, memory_scope=memory_scope, dropout=0.0,
-                             context_window=DATA["context_window"], dim_feedforward=16).double()
+    model = TitansForecaster(strategy=strategy, memory_scope=memory_scope,
+                             dropout=0.1 if float32 else 0.0,
+                             context_window=DATA["context_window"], dim_feedforward=16)
+    model = model if float32 else model.double()
     data = SameOrderSinwave(batch_size=batch_size, **DATA)
     parallel = {"devices": 2, "strategy": "ddp_fork"} if devices == 2 else {"devices": 1}
     callbacks = [Recorder(directory)]
     if stage == "fit":
         callbacks.append(ModelCheckpoint(dirpath=directory, save_last=True))
     trainer = L.Trainer(
-        accelerator="cpu", precision="64-true", max_epochs=1,
+        accelerator="cpu", precision="32-true" if float32 else "64-true", max_epochs=1,
         limit_val_batches=0 if stage == "fit" else None, inference_mode=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, logger=False,
         enable_checkpointing=stage == "fit",
@@ -366,3 +370,17 @@ def test_ranks_with_different_sequence_lengths_fail_naming_it(tmp_path):
         warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers).*")
         trainer.fit(model, ShorterOnRankOne(batch_size=2, **DATA))
     assert "seq_len: rank 0 30, rank 1 29" in str(info.value)
+
+
+def test_float32_with_dropout_and_the_kernels_keeps_one_memory_on_two_ranks(tmp_path):
+    """As the benchmarks run: float32, dropout on (each rank its own masks), the CPU kernels.
+    The memory and the outer weights stay bit-identical on the two ranks."""
+    from titans_lightning import fused
+
+    ranks = run(tmp_path, 2, B, float32=True).ranks
+    assert ranks[0]["train_reduce"] == [True] * 4
+    assert_same(ranks[0]["train_end"], ranks[1]["train_end"])
+    weights = ranks[0]["train_end"]["model.layers.0.memory.fast_weights"]
+    assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
+    assert fused.library() is not None or os.environ.get("TITANS_LIGHTNING_FUSED") == "0" \
+        or not os.environ.get("CI"), "the kernels are part of this check in CI"
