@@ -205,3 +205,10 @@ def test_default_root_dir_is_refused_where_the_logger_decides(tiny_sinwave, in_t
                      "--trainer.limit_train_batches", "1",
                      "--trainer.logger.init_args.save_dir", "elsewhere"])
     assert Path(cli.trainer.log_dir).parts[0] == "elsewhere"
+
+
+def test_help_lists_the_shipped_datamodules(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "datamodules.SinwaveDataModule" in out and "datamodules.WeatherDataModule" in out

@@ -33,6 +33,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+import datamodules  # noqa: F401  (so that --help lists the shipped datamodules)
+
 from . import __version__
 from .module import TitansForecaster
 from .strategy import strategy_source
