@@ -212,3 +212,16 @@ def test_help_lists_the_shipped_datamodules(capsys):
         main(["fit", "--help"])
     out = capsys.readouterr().out
     assert "datamodules.SinwaveDataModule" in out and "datamodules.WeatherDataModule" in out
+
+
+def test_the_optimizer_is_configurable_the_lightningcli_way(tiny_sinwave, in_tmp):
+    one = ["fit", *tiny_sinwave, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1"]
+    cli = TitansCLI(one)
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == 1e-3
+    cli = TitansCLI([*one, "--optimizer", "AdamW", "--optimizer.lr", "0.01",
+                     "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"])
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["initial_lr"] == 0.01
+    with pytest.raises(ValueError, match="give the learning rate as --optimizer.lr"):
+        TitansCLI([*one, "--optimizer", "AdamW", "--model.lr", "0.01"])

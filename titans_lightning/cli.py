@@ -13,6 +13,7 @@ losses, best validation MSE, time per epoch and ETA).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -55,7 +56,7 @@ class TitansCLI(LightningCLI):
         super().__init__(
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False, args=args, run=run, **kwargs)
+            auto_configure_optimizers=True, args=args, run=run, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
@@ -118,6 +119,11 @@ class TitansCLI(LightningCLI):
                 f"the logger writes the run under its save_dir {logger_save_dirs(config)[0]!r} "
                 "(from the config). Choose where runs go with --trainer.logger.init_args.save_dir "
                 "DIR instead")
+        default_lr = inspect.signature(TitansForecaster).parameters["lr"].default
+        if config.get("optimizer") is not None and config.model.lr != default_lr:
+            raise ValueError(
+                f"--model.lr {config.model.lr} would be ignored: --optimizer replaces the "
+                "module's Adam; give the learning rate as --optimizer.lr instead")
         if self.subcommand == "fit" and config.ckpt_path:
             continue_in_run_folder(config, config.ckpt_path)
 
