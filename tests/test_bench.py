@@ -149,3 +149,9 @@ def test_a_relative_out_folder_is_made_absolute(tmp_path, monkeypatch):
     args = bench.parse_args(["--out", "campaign", "--strategies", "rules/mine.py"])
     assert args.out == tmp_path / "campaign"
     assert args.strategies == [str(tmp_path / "rules" / "mine.py")]
+
+
+def test_by_default_nothing_tracked_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.parse_args([]).out == tmp_path / "titans-bench"
+    assert bench.parse_args(["--out", "benchmarks"]).out == tmp_path / "benchmarks"

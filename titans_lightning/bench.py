@@ -3,7 +3,7 @@
     titans-bench                                   # the three baselines, 3 benchmarks, 3 seeds
     titans-bench --strategies meta_nlms --scope per_sequence --order causal --jobs 2
     titans-bench --label ff64 --benchmarks sinwave --seeds 0 -- --model.dim_feedforward=64
-    titans-bench --render                          # only rewrite benchmarks/RESULTS.md
+    titans-bench --out benchmarks --render         # only rewrite benchmarks/RESULTS.md
 
 Each run is ``titans fit`` with the benchmark's config on the published arrays, in its own
 process and folder ``runs/<run>/``; it prints a line per epoch (epoch, val MSE, ETA), prefixed
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 BENCHMARKS = {  # name -> (config, published arrays)
     "sinwave": ("configs/sinwave.yaml", "sinwave"),
     "weather": ("configs/weather.yaml", "weather"),
@@ -196,7 +195,7 @@ def strategy_label(record: dict) -> str:
     return f"{record['strategy']} ({text})" if text else record["strategy"]
 
 
-def render(out: Path = BENCH) -> Path:
+def render(out: Path) -> Path:
     """Write RESULTS.md from the full-protocol records and the screening records under ``out``."""
     rows: dict[tuple, dict[str, list[float]]] = {}
     for r in load_records(out / "results"):
@@ -261,8 +260,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run the benchmark table (resumable); see the module docstring.")
     p.add_argument("--strategies", nargs="+", default=list(BASELINES),
                    help="strategy names or paths (default: the three published baselines)")
-    p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS),
+                   help="benchmarks to run (default: all three)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="seeds (--seed_everything) to run (default: 0 1 2)")
     p.add_argument("--scope", default="shared", choices=["shared", "per_sequence"],
                    help="memory scope of every run")
     p.add_argument("--order", default="reference", choices=["reference", "causal"],
@@ -278,12 +279,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per run (OMP_NUM_THREADS; default: the cores / --jobs, "
                         "since more runs' busy-waiting threads than cores slow all of them)")
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--accelerator", default="auto",
+                   help="--trainer.accelerator of every run (auto: a GPU where there is one)")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
                    help="folder with the published arrays (sinwave/, weather/)")
-    p.add_argument("--out", type=Path, default=BENCH,
-                   help="folder of results/, screening/, runs/ and RESULTS.md "
-                        "(default: benchmarks/)")
+    p.add_argument("--out", type=Path, default=Path("titans-bench"),
+                   help="folder of results/, screening/, runs/ and RESULTS.md (default: "
+                        "./titans-bench; the repository's own table is --out benchmarks)")
     p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md")
     p.add_argument("extra", nargs="*", help="more `titans fit` arguments, after --")
     args = p.parse_args(argv)
