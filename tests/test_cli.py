@@ -225,3 +225,19 @@ def test_the_optimizer_is_configurable_the_lightningcli_way(tiny_sinwave, in_tmp
     assert type(optimizer) is torch.optim.AdamW and optimizer.param_groups[0]["initial_lr"] == 0.01
     with pytest.raises(ValueError, match="give the learning rate as --optimizer.lr"):
         TitansCLI([*one, "--optimizer", "AdamW", "--model.lr", "0.01"])
+
+
+def test_test_and_predict_write_into_the_checkpoints_run_folder(tiny_sinwave, in_tmp):
+    ckpt = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2") \
+        .trainer.checkpoint_callback.last_model_path
+    run = Path(ckpt).parents[1]
+    fit_config = (run / "config.yaml").read_text()
+    tested = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt])
+    TitansCLI(["predict", *tiny_sinwave, "--ckpt_path", ckpt])
+    assert Path(tested.trainer.log_dir) == run
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no new version_N
+    assert (run / "config.yaml").read_text() == fit_config  # the fit's, kept
+    assert (run / "config_test.yaml").is_file() and (run / "predictions.csv").is_file()
+    scores = json.loads((run / "test.json").read_text())
+    assert scores["status"] == "ok" and scores["ckpt_path"] == ckpt
+    assert scores["test_mse"] == pytest.approx(float(tested.trainer.callback_metrics["test/mse"]))

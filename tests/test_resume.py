@@ -105,7 +105,7 @@ def test_a_checkpoint_outside_a_run_folder_resumes_into_a_new_one(tiny_sinwave, 
     first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
     loose = in_tmp / "loose.ckpt"
     loose.write_bytes(Path(first.trainer.checkpoint_callback.last_model_path).read_bytes())
-    with pytest.warns(UserWarning, match="logs to a new run folder"):
+    with pytest.warns(UserWarning, match="this run logs to a new run folder"):
         cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
                          "--ckpt_path", str(loose)])
     assert Path(cli.trainer.log_dir).name == "version_1"

@@ -29,7 +29,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import (ArgsType, LightningArgumentParser, LightningCLI,
+                                   SaveConfigCallback)
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -39,13 +40,24 @@ import datamodules  # noqa: F401  (so that --help lists the shipped datamodules)
 from . import __version__
 from .module import TitansForecaster
 from .strategy import strategy_source
-from .results import (AtomicCheckpointIO, PredictionWriter, device_name, git_commit,
+from .results import (TEST_FILE, AtomicCheckpointIO, PredictionWriter, device_name, git_commit,
                       write_result)
 
 # The memory learns during validation and test, so autograd must stay available there; the
 # sanity check is off because it would run the memory on validation data before training.
 TRAINER_DEFAULTS = {"inference_mode": False, "num_sanity_val_steps": 0,
                     "use_distributed_sampler": False}  # on several devices: see distributed.py
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the configuration into the run folder: ``config.yaml`` for a fit, and
+    ``config_<stage>.yaml`` for a test, validate or predict that scores the run's checkpoint in
+    the same folder (so the fit's own configuration is never overwritten)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class TitansCLI(LightningCLI):
@@ -55,7 +67,8 @@ class TitansCLI(LightningCLI):
         self.fit_started = time.perf_counter()
         super().__init__(
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS, save_config_kwargs={"overwrite": True},
+            trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
+            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=True, args=args, run=run, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -124,8 +137,8 @@ class TitansCLI(LightningCLI):
             raise ValueError(
                 f"--model.lr {config.model.lr} would be ignored: --optimizer replaces the "
                 "module's Adam; give the learning rate as --optimizer.lr instead")
-        if self.subcommand == "fit" and config.ckpt_path:
-            continue_in_run_folder(config, config.ckpt_path)
+        if self.subcommand is not None and config.get("ckpt_path"):
+            continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first step leaves no run folder of its own."""
@@ -158,6 +171,21 @@ class TitansCLI(LightningCLI):
 
     def before_test(self) -> None:
         warn_without_checkpoint(self.config.test.ckpt_path, "test")
+
+    def after_test(self) -> None:
+        """Write the scores to ``test.json`` in the run folder (strict JSON, with a status)."""
+        folder = run_folder(self.trainer)
+        if folder is None or not self.trainer.is_global_zero:
+            return
+        scores = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                  if k.startswith("test/")}
+        path = write_result(folder, {"ckpt_path": self.config.test.ckpt_path,
+                                     "test_mse": scores.get("test/mse"),
+                                     "test_mae": scores.get("test/mae"),
+                                     "config": self.config_as_dict(),
+                                     "commit": git_commit(), "device": device_name(self.trainer)},
+                            name=TEST_FILE)
+        print(f"test MSE {scores.get('test/mse', float('nan')):.6f}\nscores: {path}")
 
     def before_validate(self) -> None:
         warn_without_checkpoint(self.config.validate.ckpt_path, "validate")
@@ -305,11 +333,11 @@ def logger_save_dirs(config: Any) -> list[str]:
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
-    """Point the loggers of a parsed ``fit`` config at the run folder of ``ckpt_path``.
+    """Point the loggers of a parsed config at the run folder of ``ckpt_path``.
 
-    Checkpoints live in ``RUN/checkpoints/``; the resumed fit logs to ``RUN`` again (same
+    Checkpoints live in ``RUN/checkpoints/``; a resumed fit logs to ``RUN`` again (same
     ``save_dir``, ``name`` and ``version``), so its checkpoint callback finds its own folder and
-    keeps its best score. Lightning's special paths (``last``, ``best``, ...) and remote URLs
+    keeps its best score; test, validate and predict write their output there too. Lightning's special paths (``last``, ``best``, ...) and remote URLs
     are left alone.
     """
     path = Path(ckpt_path)
@@ -318,8 +346,8 @@ def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
     if path.parent.name != "checkpoints":
         rank_zero_warn(
             f"--ckpt_path {ckpt_path} is not in a run folder's checkpoints/ (where `titans fit` "
-            "saves it), so the resumed fit logs to a new run folder; its best checkpoint so "
-            "far stays where it is")
+            "saves it), so this run logs to a new run folder (a resumed fit's best checkpoint "
+            "so far stays where it is)")
         return
     run = path.parent.parent
     loggers = config.trainer.logger

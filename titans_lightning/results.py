@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 RESULT_FILE = "result.json"
+TEST_FILE = "test.json"  # written by ``titans test``: its scores, checkpoint, config, commit
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_COLUMNS = ("sequence", "position", "prediction", "target", "valid")
 
@@ -73,12 +74,12 @@ def device_name(trainer: L.Trainer) -> str:
 SCORES = ("val_mse", "test_mse", "test_mae")
 
 
-def write_result(log_dir: str | Path, result: dict[str, Any]) -> Path:
-    """Write ``result.json`` (strict JSON, with its ``status``) into ``log_dir``."""
+def write_result(log_dir: str | Path, result: dict[str, Any], name: str = RESULT_FILE) -> Path:
+    """Write ``result.json`` (or ``name``: strict JSON, with its ``status``) into ``log_dir``."""
     bad = [k for k in SCORES if isinstance(result.get(k), float) and not math.isfinite(result[k])]
     record = {k: None if k in bad else strict_json(v) for k, v in result.items()}
     record = {"status": "nonfinite" if bad else "ok", **record}
-    path = Path(log_dir) / RESULT_FILE
+    path = Path(log_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
