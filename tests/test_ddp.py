@@ -322,14 +322,20 @@ class UnevenSinwave(SameOrderSinwave):
         return DataLoader(Subset(loader.dataset, kept), batch_size=self.batch_size)
 
 
-def test_ranks_that_would_run_different_batches_fail_instead_of_hanging(tmp_path):
+def two_rank_fit(**trainer_args) -> tuple[TitansForecaster, L.Trainer]:
+    """A tiny model and a two-process (forked, gloo) Trainer without logs or checkpoints."""
     L.seed_everything(0, verbose=False)
     model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0,
-        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False)
+        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, inference_mode=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **trainer_args)
+    return model, trainer
+
+
+def test_ranks_that_would_run_different_batches_fail_instead_of_hanging(tmp_path):
+    model, trainer = two_rank_fit(limit_val_batches=0)
     with warnings.catch_warnings(), pytest.raises(Exception, match="ranks disagree") as info:
         warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers).*")
         trainer.fit(model, UnevenSinwave(batch_size=2, **DATA))
@@ -337,12 +343,7 @@ def test_ranks_that_would_run_different_batches_fail_instead_of_hanging(tmp_path
 
 
 def test_overfit_batches_is_refused_on_several_ranks(tmp_path):
-    model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, overfit_batches=2,
-        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False)
+    model, trainer = two_rank_fit(overfit_batches=2)
     with warnings.catch_warnings(), pytest.raises(Exception, match="overfit_batches replaces"):
         warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers|overfit).*")
         trainer.fit(model, SameOrderSinwave(batch_size=2, **DATA))
@@ -359,13 +360,7 @@ class ShorterOnRankOne(SameOrderSinwave):
 
 
 def test_ranks_with_different_sequence_lengths_fail_naming_it(tmp_path):
-    L.seed_everything(0, verbose=False)
-    model = TitansForecaster(context_window=DATA["context_window"], dim_feedforward=16)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=0,
-        inference_mode=False, num_sanity_val_steps=0, use_distributed_sampler=False,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False)
+    model, trainer = two_rank_fit(limit_val_batches=0)
     with warnings.catch_warnings(), pytest.raises(Exception, match="ranks disagree") as info:
         warnings.filterwarnings("ignore", message=".*(LeafSpec|many workers).*")
         trainer.fit(model, ShorterOnRankOne(batch_size=2, **DATA))

@@ -43,6 +43,15 @@ def surprise_grad(memory, flat, keys, values):
     return g
 
 
+def moved_from_the_start(memory, gen):
+    """Sets weights away from the start w0 (drawn from ``gen``), so that a rule's decay or
+    retention shows in its update; returns (w0, w), both (S, n)."""
+    w0 = memory.initial_weights.detach().clone()
+    w = w0 + 0.1 * torch.randn(w0.shape, generator=gen)
+    memory.set_weights(memory.unflatten(w.clone()))
+    return w0, w
+
+
 def clipped(g, clip):
     """g * min(1, clip / |g|) per slot, for flat gradients (S, n)."""
     norm = g.norm(dim=1, keepdim=True)

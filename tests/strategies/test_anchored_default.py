@@ -4,7 +4,7 @@ outer gradient its start receives although the rule is not differentiable."""
 import pytest
 import torch
 from by_hand import (assert_loads_with_the_probe, assert_works_in_both_scopes, keys_values,
-                     make_memory, recall, surprise_grad)
+                     make_memory, moved_from_the_start, recall, surprise_grad)
 
 from titans_lightning import NeuralMemory
 from titans_lightning.strategies import anchored_default, titans_default
@@ -17,10 +17,8 @@ OPTIONS = {"alpha": ALPHA, "eta": ETA, "theta": THETA}
 def test_two_updates_follow_the_anchored_formulas(dim, hidden):
     torch.manual_seed(0)
     memory = NeuralMemory(dim, hidden, strategy="anchored_default", options=OPTIONS)
-    w0 = memory.initial_weights.detach().clone()
     gen = torch.Generator().manual_seed(1)
-    w = w0 + 0.1 * torch.randn(w0.shape, generator=gen)  # away from the start: w0 shows
-    memory.set_weights(memory.unflatten(w.clone()))
+    w0, w = moved_from_the_start(memory, gen)
     S = torch.zeros_like(w)
     for _ in range(2):  # the second update carries the first one's momentum
         x = torch.randn(1, 6, dim, generator=gen)

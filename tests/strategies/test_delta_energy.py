@@ -4,7 +4,7 @@ import pytest
 import torch
 from by_hand import (another_ranks_share, assert_loads_with_the_probe,
                      assert_outer_gradient_is_exact, assert_works_in_both_scopes, hidden,
-                     keys_values, make_memory, surprise_grad)
+                     keys_values, make_memory, moved_from_the_start, surprise_grad)
 
 from titans_lightning import distributed
 from titans_lightning.strategies import delta_energy
@@ -32,10 +32,8 @@ def normalised(memory, g, divisors):
 @pytest.mark.parametrize("num_layers", [2, 1])
 def test_two_updates_follow_the_normalised_formulas(num_layers):
     memory = make_memory("delta_energy", num_layers, **OPTIONS)
-    w0 = memory.initial_weights.detach().clone()
     gen = torch.Generator().manual_seed(1)
-    w = w0 + 0.1 * torch.randn(w0.shape, generator=gen)  # away from the start: alpha shows
-    memory.set_weights(memory.unflatten(w.clone()))
+    w0, w = moved_from_the_start(memory, gen)
     S = torch.zeros_like(w)
     for _ in range(2):  # the second update carries the first one's momentum
         x = 3 * torch.randn(1, 5, 4, generator=gen)

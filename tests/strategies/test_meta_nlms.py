@@ -6,7 +6,7 @@ import pytest
 import torch
 from by_hand import (assert_loads_with_the_probe, assert_outer_gradient_is_exact,
                      assert_works_in_both_scopes, clipped, keys_values, make_memory,
-                     surprise_grad)
+                     moved_from_the_start, surprise_grad)
 
 from titans_lightning.strategies import meta_nlms
 
@@ -23,10 +23,8 @@ def test_learned_rates_start_at_the_options_values():
 @pytest.mark.parametrize("clip", [1e3, 1e-2])  # never binds, always binds
 def test_two_updates_follow_the_formulas(clip):
     memory = make_memory("meta_nlms", clip=clip, **OPTIONS)
-    w0 = memory.initial_weights.detach().clone()
     gen = torch.Generator().manual_seed(1)
-    w = w0 + 0.1 * torch.randn(w0.shape, generator=gen)  # away from the start: alpha shows
-    memory.set_weights(memory.unflatten(w.clone()))
+    w0, w = moved_from_the_start(memory, gen)
     S = torch.zeros_like(w)
     for _ in range(2):  # the second update carries the first one's momentum
         x = 2 * torch.randn(1, 5, 4, generator=gen)

@@ -4,8 +4,8 @@ exact outer gradients through the stored chunks, and skipped updates that keep t
 import pytest
 import torch
 from by_hand import (assert_loads_with_the_probe, assert_outer_gradient_is_exact,
-                     assert_works_in_both_scopes, clipped, keys_values, make_memory, recall,
-                     surprise_grad)
+                     assert_works_in_both_scopes, clipped, keys_values, make_memory,
+                     moved_from_the_start, recall, surprise_grad)
 
 from titans_lightning import MACTitan
 from titans_lightning.strategies import omega_window
@@ -19,14 +19,6 @@ def chunks(rows, slots=1, seed=1):
     return [2 * torch.randn(slots, r, 4, generator=gen) for r in rows]
 
 
-def moved_from_the_start(memory):
-    """Weights away from w0, so that the decay toward it shows; returns them (S, n)."""
-    w0 = memory.initial_weights.detach()
-    w = w0 + 0.1 * torch.randn(w0.shape, generator=torch.Generator().manual_seed(2))
-    memory.set_weights(memory.unflatten(w.clone()))
-    return w
-
-
 @pytest.mark.parametrize("clip", [1e3, 1e-2])  # never binds, always binds
 @pytest.mark.parametrize("window", [2, 3])
 def test_updates_follow_the_formulas_over_the_window(window, clip):
@@ -34,7 +26,7 @@ def test_updates_follow_the_formulas_over_the_window(window, clip):
     current chunk and the window - 1 before it (a longer chunk weighs more)."""
     memory = make_memory("omega_window", window=window, clip=clip, **OPTIONS)
     w0 = memory.initial_weights.detach().clone()
-    w = moved_from_the_start(memory)
+    _, w = moved_from_the_start(memory, torch.Generator().manual_seed(2))
     S, seen = torch.zeros_like(w), []
     for t, x in enumerate(chunks([5, 3, 6, 4])):
         seen.append(keys_values(memory, x))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from by_hand import (another_ranks_share, assert_loads_with_the_probe,
                      assert_outer_gradient_is_exact, assert_works_in_both_scopes, clipped,
-                     keys_values, make_memory, surprise_grad)
+                     keys_values, make_memory, moved_from_the_start, surprise_grad)
 
 from titans_lightning import distributed
 from titans_lightning.strategies import titans_gated
@@ -33,10 +33,8 @@ def test_two_updates_follow_the_gated_formulas(clip):
     memory = make_memory("titans_gated", clip=clip, **OPTIONS)
     open_the_gates(memory)
     A, b = memory.state["gate_proj"].detach(), memory.state["gate_bias"].detach()
-    w0 = memory.initial_weights.detach().clone()
     gen = torch.Generator().manual_seed(1)
-    w = w0 + 0.1 * torch.randn(w0.shape, generator=gen)  # away from the start: alpha shows
-    memory.set_weights(memory.unflatten(w.clone()))
+    w0, w = moved_from_the_start(memory, gen)
     S = torch.zeros_like(w)
     for _ in range(2):  # the second update carries the first one's momentum
         x = 2 * torch.randn(1, 5, 4, generator=gen)
