@@ -81,6 +81,7 @@ class Recorder(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.record["train_end"] = state(pl_module)
+        self.record["train_loss"] = trainer.callback_metrics["train/loss"].item()
 
     def on_validation_start(self, trainer, pl_module):
         self.record["val_start"] = state(pl_module)
@@ -228,6 +229,9 @@ def test_shared_memory_is_one_memory_on_two_ranks(fits, strategy):
     assert rank0["train_reduce"] == rank1["train_reduce"] == [True] * 4
     assert_same(rank0["train_end"], rank1["train_end"])  # bit for bit
     assert_same(rank0["train_end"], single["train_end"], **CLOSE)
+    # train/loss is the global batch's loss (every rank's sequences), not rank 0's share of it
+    assert rank0["train_loss"] == rank1["train_loss"]
+    assert rank0["train_loss"] == pytest.approx(single["train_loss"], rel=1e-9)
     memory = {n: t for n, t in single["train_end"].items() if n.startswith("model.layers.0.memory")}
     assert int(memory["model.layers.0.memory.num_updates"]) == 4 * 7  # batches x groups
     if strategy == "adam_gated":  # the gate closed sometimes, at the same updates everywhere

@@ -56,10 +56,3 @@ def test_a_fit_whose_every_memory_update_was_skipped_says_so(tiny_sinwave, in_tm
     assert test["updates"] == test["skipped_slots"] > 0
     assert f"memory updates in the fit: {fit['updates']}, slots skipped: {fit['updates']}" in \
         capsys.readouterr().out
-
-
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-true"])
-def test_precisions_that_would_break_the_memory_are_refused(tiny_sinwave, in_tmp, precision):
-    with pytest.raises(ValueError, match=f"--trainer.precision {precision} is not supported"):
-        TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1",
-                   "--trainer.precision", precision])

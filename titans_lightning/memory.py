@@ -26,6 +26,7 @@ state (step sizes, projections, the starting weights) through the memory's test-
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from types import ModuleType
 from typing import Any, Iterator, Mapping
@@ -38,6 +39,29 @@ from . import fused
 from .strategy import USER_MODULE_PREFIX, StrategyError, load_strategy, probing
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Where the memory learns: autocast off and float32 as the default dtype, whatever the
+    trainer's precision. In bfloat16, ``0.999 * w == w`` for every weight, so retention would
+    never apply, and autocast would run the surprise's gradient in half precision.
+
+    ``*-mixed`` precision enables autocast around the forward, ``*-true`` sets the default dtype
+    to half there (tensors a strategy creates would be half); outside both this costs nothing.
+    """
+    autocast = torch.is_autocast_enabled(device_type)
+    default = torch.get_default_dtype()
+    if not autocast and default not in HALF_TYPES:
+        yield
+        return
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        torch.set_default_dtype(torch.float32 if default in HALF_TYPES else default)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default)
 
 
 class StrategyState(Mapping[str, Tensor]):
@@ -183,7 +207,12 @@ class NeuralMemory(nn.Module):
             setattr(self.strategy_state, name, value.detach())
 
     def retrieve(self, q: Tensor) -> Tensor:
-        """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d)."""
+        """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d), in the dtype of q
+        (computed in the memory's own, at least float32; see :func:`full_precision`)."""
+        with full_precision(q.device.type):
+            return self._retrieve(q.to(self.fast_weights.dtype)).to(q.dtype)
+
+    def _retrieve(self, q: Tensor) -> Tensor:
         if self.num_layers == 1:
             w = self.weights
             return _linear(q, w["w"], w["b"])
@@ -247,14 +276,20 @@ class NeuralMemory(nn.Module):
         their old weights and state (a non-finite state that is not per slot rolls back every
         slot). A strategy that breaks the contract (wrong shapes, missing weights, in-place edits
         of the weights, state or gradients) stops the run with a :class:`StrategyError`.
+
+        The update runs in the memory's dtype (at least float32), whatever the trainer's
+        precision; see :func:`full_precision`.
         """
+        with full_precision(x.device.type):
+            return self._update(x.detach().to(self.fast_weights.dtype))
+
+    def _update(self, x: Tensor) -> Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "the neural memory learns at test time and needs autograd, which inference mode "
                 "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
             )
         old, old_state = self.fast_weights, dict(self.strategy_state._buffers)
-        x = x.detach()
         surprise, grads, new = self._compute(x, old, old_state)
         check = _detached(surprise) + self._state_flag(old_state)  # NaN where the state is not
         ok, kept = self._checked(check, grads, new, old)
@@ -485,6 +520,14 @@ class NeuralMemory(nn.Module):
         for name, value in self.initial_state._buffers.items():
             setattr(self.strategy_state, name, value.clone())
         self.history.clear()
+
+    def _apply(self, fn, recurse=True):
+        """Move and cast like any module, except that the memory's floating-point tensors never
+        go below float32 (``--trainer.precision bf16-true`` casts the whole model to half)."""
+        def at_least_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.float() if out.dtype in HALF_TYPES else out
+        return super()._apply(at_least_float32, recurse)
 
     def __getstate__(self):
         """Pickle the strategy as its spec (modules do not pickle; spawned processes reload)."""

@@ -40,7 +40,13 @@ from .model import MACTitan
 from .strategy import strategy_source
 
 EVAL_PROTOCOLS = ("default", "reference")
-SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64")
+# the outer model may run in half precision; the memory learns in float32 in every one of these
+SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "bf16-true")
+# float16 weights break Adam: its eps (1e-8) and small squared gradients underflow to 0 there
+FLOAT16_WEIGHTS_ERROR = (
+    "--trainer.precision 16-true is not supported: with float16 weights, Adam's eps (1e-8) and "
+    "small squared gradients underflow to 0, so its steps become NaN or inf; use bf16-true "
+    "(float32's range), or 16-mixed / bf16-mixed (float32 weights)")
 REFERENCE_FIRST_SCORED = 15  # the reference's evaluation slice, hard-coded for C = 16
 
 INFERENCE_MODE_ERROR = (
@@ -55,9 +61,11 @@ def scored_pairs(preds: Tensor, targets: Tensor, first: int) -> tuple[Tensor, Te
 
     ``first`` = C-1 is the first step with a full context window (the model's ``valid`` mask is
     ``t >= C-1``): slicing rather than masking keeps the step free of host synchronisation.
-    ``preds`` (B, T, O), ``targets`` (B, T, O) -> two (B, n, O) tensors.
+    ``preds`` (B, T, O), ``targets`` (B, T, O) -> two (B, n, O) tensors, in at least float32
+    (under ``--trainer.precision bf16-true`` the model's outputs are bfloat16: scores are not).
     """
-    return preds[:, first:-1], targets[:, first + 1:]
+    dtype = torch.promote_types(preds.dtype, torch.float32)
+    return preds[:, first:-1].to(dtype), targets[:, first + 1:].to(dtype)
 
 
 def forecast_loss(preds: Tensor, targets: Tensor, first: int) -> Tensor:
@@ -161,10 +169,10 @@ class TitansForecaster(L.LightningModule):
     def evaluate(self, split: str, batch: dict[str, Tensor]) -> None:
         if self.hparams.eval_protocol == "reference":
             preds, _ = self.run_model(batch)  # (B, T, O), 0 where no window exists
-            preds = preds[:, REFERENCE_FIRST_SCORED:-1].contiguous()
-            targets = batch["targets"][:, REFERENCE_FIRST_SCORED + 1:].contiguous()
+            preds, targets = scored_pairs(preds, batch["targets"], REFERENCE_FIRST_SCORED)
         else:
-            preds, targets = (t.contiguous() for t in self.shared_step(batch))
+            preds, targets = self.shared_step(batch)
+        preds, targets = preds.contiguous(), targets.contiguous()
         metrics = self.metrics[split]
         metrics.update(preds, targets)
         self.log_dict(metrics, on_epoch=True, prog_bar=split == "val", batch_size=preds.shape[0])
@@ -236,12 +244,13 @@ class TitansForecaster(L.LightningModule):
                 "on the same sequences; it works on one process only (drop it, or use "
                 "--trainer.limit_train_batches)")
         precision = str(self.trainer.precision)
+        if precision in ("16-true", "16"):
+            raise ValueError(FLOAT16_WEIGHTS_ERROR)
         if precision not in SUPPORTED_PRECISION:
             raise ValueError(
-                f"--trainer.precision {precision} is not supported: the neural memory learns in "
-                "float32 (in bfloat16, 0.999 * w == w, so its retention would never apply, and "
-                "mixed precision breaks the memory's backward pass); use --trainer.precision "
-                "32-true (or 64-true)")
+                f"--trainer.precision {precision} is not supported: use one of "
+                f"{', '.join(SUPPORTED_PRECISION)} (the neural memory learns in float32 in all "
+                "of them)")
         if self.trainer.world_size > 1:
             keep_buffers_local(self.trainer.strategy)  # before Lightning wraps the model in DDP
 
