@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.dataset import SequenceDataset
 from datamodules.splits import SPLITS, SplitArray, check_splits
-from titans_lightning.distributed import RankMajorSampler, world_size
+from titans_lightning.sampling import RankMajorSampler, world_size
 
 
 def default_input_columns(n_channels: int) -> tuple[int, ...]:

@@ -24,10 +24,11 @@ from torch.multiprocessing import start_processes
 from torch.utils.data import DataLoader, Subset
 
 from datamodules import SinwaveDataModule
-from titans_lightning.distributed import (RankMajorSampler, all_reduce_mean, broadcast_memory,
-                                          reduce_hook, warn_if_split_is_divided, world_size)
+from titans_lightning.distributed import (all_reduce_mean, broadcast_memory, reduce_hook,
+                                          warn_if_split_is_divided)
 from titans_lightning.memory import NeuralMemory
 from titans_lightning.module import TitansForecaster
+from titans_lightning.sampling import RankMajorSampler, world_size
 
 REPO = Path(__file__).resolve().parents[1]
 

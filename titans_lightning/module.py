@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler, SequentialSampler
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from .distributed import (RankMajorSampler, broadcast_memory, check_ranks_agree,
-                          keep_buffers_local, reduce_hook, warn_if_split_is_divided)
+from .distributed import (broadcast_memory, check_ranks_agree, keep_buffers_local, reduce_hook,
+                          warn_if_split_is_divided)
 from .model import MACTitan
+from .sampling import RankMajorSampler
 from .strategy import strategy_source
 
 EVAL_PROTOCOLS = ("default", "reference")
