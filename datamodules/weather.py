@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from datamodules.base import SequenceDataModule, default_input_columns
 from datamodules.splits import SPLITS, SplitArray, check_splits, load_split_files
 from datamodules.weather_cache import fingerprint, read_cache, write_cache
-from datamodules.weather_csv import COLUMNS, CSV_HELP, PreparedWeather, prepare_weather
+from datamodules.weather_csv import (
+    COLUMNS,
+    CSV_HELP,
+    PreparedWeather,
+    prepare_weather,
+    window_timestamps,
+)
 
 
 class WeatherDataModule(SequenceDataModule):
@@ -73,6 +81,13 @@ class WeatherDataModule(SequenceDataModule):
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
         return Path(self.csv_path).expanduser().parent / "prepared"
+
+    def timestamps(self, split: str) -> np.ndarray | None:
+        """When each step of ``split``'s sequences was recorded, ``(N, L)`` UTC ``datetime64``
+        (no time zone), read from ``csv_path``; None with ``data_dir`` (arrays carry no times)."""
+        if self.csv_path is None:
+            return None
+        return window_timestamps(self.csv_path)[split]
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process only, so the CSV is prepared and cached once.

@@ -187,3 +187,17 @@ def prepare_weather(
         mean=dict(zip(COLUMNS, mean.tolist(), strict=True)),
         std=dict(zip(COLUMNS, std.tolist(), strict=True)),
     )
+
+
+def window_timestamps(
+    csv_path: str | Path, window: int = WINDOW, stride: int = STRIDE
+) -> dict[str, np.ndarray]:
+    """When each step of each prepared window was recorded: split -> ``(N, window)`` UTC times
+    (``datetime64``, no time zone), from the rows :func:`prepare_weather` keeps, cut and windowed
+    as it cuts and windows them (so entry ``[n, t]`` is the time of step t of sequence n)."""
+    source = str(Path(csv_path).expanduser())
+    frame = read_turbine_csv(csv_path)
+    kept = select_rows(frame, source).index  # the labels of the rows kept, in order
+    time = pd.to_datetime(frame.loc[kept, "timestamp"], utc=True, format="ISO8601")
+    parts = split_series(time.dt.tz_localize(None).to_numpy()[:, None])  # (T, 1) per split
+    return {split: make_windows(part, window, stride)[..., 0] for split, part in parts.items()}
