@@ -1,8 +1,11 @@
-"""titans-bench: tiny runs end to end (screening label, resume after a SIGKILL, failures), the
-rule that only full-protocol runs reach the table, and the rendered table."""
+"""titans-bench: tiny runs end to end (screening label, resume after a SIGKILL, failures), from
+another working directory, and where the configs and arrays are found. The table itself:
+test_bench_table.py."""
 import json
+import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from titans_lightning import bench
@@ -26,7 +29,11 @@ def bench_args(out: Path, *extra: str, seed: int = 3) -> list[str]:
 
 
 @needs_arrays
-def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp_path, capsys):
+def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp_path, capsys,
+                                                                            monkeypatch):
+    elsewhere = tmp_path / "elsewhere"  # nothing may depend on the working directory
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     argv = bench_args(tmp_path, "--trainer.max_epochs=2")
     bench.main(argv)
     name = "sinwave__titans_default__shared__reference-order__default-protocol__seed3"
@@ -38,7 +45,8 @@ def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp
         assert key in record, key
     assert record["status"] == "ok" and record["label"] == "tiny"
     assert record["seed"] == 3 and record["config"]["seed_everything"] == 3
-    assert record["config"]["data"]["init_args"]["data_dir"].endswith("sinwave")
+    assert record["config"]["data"]["init_args"]["data_dir"] == str(SHARED.resolve() / "sinwave")
+    assert record["fit_args"][1:3] == ["--config", str(REPO / "configs" / "sinwave.yaml")]
     assert record["fit_args"][0] == "fit" and record["fit_args"][-len(TINY) - 1:-1] == TINY
     assert record["extra_args"] == [*TINY, "--trainer.max_epochs=2"]
     assert [a["exit"] for a in record["attempts"]] == [0]
@@ -52,10 +60,17 @@ def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp
     assert "(no finished run yet)" in ours
     assert f"{record['test_mse']:.4f}" in table.split("## Screening runs")[1]
     assert "| titans_default | 0.019 | 0.051 | 0.032 |" in table
+    assert pd.read_csv(tmp_path / "results.csv").empty
+    (row,) = pd.read_csv(tmp_path / "screening.csv").to_dict("records")
+    assert (row["record"], row["label"], row["seed"]) == (name, "tiny", 3)
+    assert row["test_mse"] == pytest.approx(record["test_mse"])
+    assert list(elsewhere.iterdir()) == []
 
 
 @needs_arrays
-def test_a_run_killed_mid_epoch_resumes_in_its_folder_and_counts_both_attempts(tmp_path, capsys):
+def test_a_run_killed_mid_epoch_resumes_in_its_folder_and_counts_both_attempts(tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # for tests.kill_switch: runs work in their folder
     straight_out = tmp_path / "straight"
     bench.main(bench_args(straight_out, "--trainer.max_epochs=3"))
     kill = json.dumps({"class_path": "tests.kill_switch.KillAt",
@@ -93,19 +108,6 @@ def test_a_failed_run_makes_the_runner_exit_non_zero(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FAILED (exit 1)" in out and "1 failed" in out
     assert not list(tmp_path.glob("screening/tiny/*.json"))
-
-
-def test_the_table_shows_full_protocol_records_by_strategy_options_scope_and_order(tmp_path):
-    results = tmp_path / "results"
-    results.mkdir()
-    for seed, mse in ((0, 0.02), (1, 0.03)):
-        record = {"strategy": "meta_nlms", "strategy_options": {"theta": 0.5},
-                  "memory_scope": "per_sequence", "mac_order": "causal", "protocol": "default",
-                  "benchmark": "weather", "seed": seed, "test_mse": mse}
-        (results / f"{seed}.json").write_text(json.dumps(record))
-    table = bench.render(tmp_path).read_text()
-    assert "| meta_nlms (theta=0.5) | per_sequence | causal | default | — | " \
-           "0.0250 ± 0.0071 (2 seeds) | — |" in table
 
 
 def test_run_names_say_everything_that_tells_runs_apart():
@@ -146,12 +148,84 @@ def test_names_of_options_and_strategy_files_never_collide_nor_nest(tmp_path):
 
 def test_a_relative_out_folder_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = bench.parse_args(["--out", "campaign", "--strategies", "rules/mine.py"])
+    args = bench.parse_args(["--out", "campaign", "--strategies", "rules/mine.py", "--render"])
     assert args.out == tmp_path / "campaign"
     assert args.strategies == [str(tmp_path / "rules" / "mine.py")]
 
 
 def test_by_default_nothing_tracked_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert bench.parse_args([]).out == tmp_path / "titans-bench"
-    assert bench.parse_args(["--out", "benchmarks"]).out == tmp_path / "benchmarks"
+    assert bench.parse_args(["--render"]).out == tmp_path / "titans-bench"
+    assert bench.parse_args(["--out", "benchmarks", "--render"]).out == tmp_path / "benchmarks"
+
+
+def fake_checkout(root: Path, benchmarks=("sinwave",)) -> None:
+    """configs/ and data/ as a user of an installed package might keep them, in ``root``."""
+    (root / "configs").mkdir(parents=True)
+    for b in benchmarks:
+        config, arrays = bench.BENCHMARKS[b]
+        shutil.copy(REPO / "configs" / config, root / "configs" / config)
+        (root / "data" / arrays).mkdir(parents=True, exist_ok=True)
+        for name in bench.ARRAYS:
+            (root / "data" / arrays / name).write_bytes(b"")
+
+
+def test_an_editable_install_finds_its_configs_and_arrays_from_any_folder(tmp_path, monkeypatch):
+    if not (SHARED / "sinwave").is_dir():
+        pytest.skip("published arrays not found")
+    monkeypatch.chdir(tmp_path)
+    assert bench.editable_source() == REPO  # this checkout is installed editable
+    args = bench.parse_args(["--benchmarks", "sinwave", "--seeds", "0"])
+    assert args.configs == REPO / "configs" and args.data_root == SHARED.resolve()
+    argv = bench.fit_arguments(args, "sinwave", "titans_default", 0, tmp_path / "run")
+    assert argv[1:3] == ["--config", str(REPO / "configs" / "sinwave.yaml")]
+    assert f"--data.init_args.data_dir={SHARED.resolve() / 'sinwave'}" in argv
+
+
+def test_without_a_checkout_the_working_directory_or_the_options_say_where(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(bench, "editable_source", lambda: None)  # a regular install
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--benchmarks", "sinwave"])
+    err = capsys.readouterr().err
+    assert "no folder with the benchmark configs for sinwave" in err
+    assert str(tmp_path / "configs") in err and "Pass --configs DIR" in err
+
+    fake_checkout(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    args = bench.parse_args(["--benchmarks", "sinwave"])
+    assert (args.configs, args.data_root) == (tmp_path / "work" / "configs",
+                                             tmp_path / "work" / "data")
+    with pytest.raises(SystemExit):  # weather's config and arrays are not there
+        bench.parse_args(["--benchmarks", "sinwave", "weather"])
+    assert "no folder with the benchmark configs for sinwave, weather" in capsys.readouterr().err
+
+    monkeypatch.chdir(tmp_path)  # explicit folders, relative to where the command runs
+    args = bench.parse_args(["--benchmarks", "sinwave", "--configs", "work/configs",
+                             "--data-root", "work/data"])
+    assert (args.configs, args.data_root) == (tmp_path / "work" / "configs",
+                                             tmp_path / "work" / "data")
+    with pytest.raises(SystemExit):  # an explicit folder without the arrays is not passed over
+        bench.parse_args(["--benchmarks", "sinwave", "--configs", "work/configs",
+                          "--data-root", "work"])
+    err = capsys.readouterr().err
+    assert f"tried {tmp_path / 'work'}. Pass --data-root DIR" in err
+
+
+def test_render_needs_no_configs_nor_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "editable_source", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--out", "table", "--render"])
+    assert (tmp_path / "table" / "RESULTS.md").is_file()
+    assert (tmp_path / "table" / "results.csv").is_file()
+
+
+def test_help_describes_every_option():
+    parser = bench.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 20 or action.dest == "help", action.dest
+    text = parser.format_help()
+    for option in ("--configs", "--data-root", "--out", "--render", "--label"):
+        assert option in text.split("options:")[1], option
+    assert "default: ./titans-bench" in text and "results.csv" in text

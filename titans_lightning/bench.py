@@ -1,54 +1,56 @@
-"""``titans-bench``: the benchmark table, strategies x benchmarks x seeds, resumable.
+"""titans-bench: the benchmark table, strategies x benchmarks x seeds, resumable.
 
     titans-bench                                   # the three baselines, 3 benchmarks, 3 seeds
     titans-bench --strategies meta_nlms --scope per_sequence --order causal --jobs 2
     titans-bench --label ff64 --benchmarks sinwave --seeds 0 -- --model.dim_feedforward=64
     titans-bench --out benchmarks --render         # only rewrite benchmarks/RESULTS.md
 
-Each run is ``titans fit`` with the benchmark's config on the published arrays, in its own
-process and folder ``runs/<run>/``; it prints a line per epoch (epoch, val MSE, ETA), prefixed
-with the run's name. When it finishes, its record goes to ``results/<run>.json`` (a full-protocol
-run) and holds the run's ``result.json`` plus the exact ``titans fit`` arguments, every attempt
-and the wall time of all of them. Runs whose record exists are skipped; a run interrupted after
-a checkpoint resumes from its ``last.ckpt`` in the same folder.
+Each run is `titans fit` with the benchmark's config on the published arrays, in its own
+process, working in its own folder runs/RUN/; it prints a line per epoch (epoch, val MSE, ETA),
+prefixed with the run's name. When it finishes, its record goes to results/RUN.json (a
+full-protocol run) and holds the run's result.json plus the exact `titans fit` arguments, every
+attempt and the wall time of all of them. Runs whose record exists are skipped; a run
+interrupted after a checkpoint resumes from its last.ckpt in the same folder. Afterwards (or
+with --render alone) the records are tabled: RESULTS.md, with mean +- sample std and the count
+of seeds per cell, and results.csv and screening.csv, one row per record.
 
-Only full-protocol runs reach the table: the benchmark's config with nothing changed but the
-strategy, its options, the memory scope, the MAC order, the evaluation protocol and the seed.
-Extra ``titans fit`` arguments (after ``--``) make a screening run: they need a ``--label``, and
-such runs live in ``runs/<label>/`` and ``screening/<label>/``, which the table never reads.
+Only full-protocol runs reach the main table: the benchmark's config with nothing changed but
+the strategy, its options, the memory scope, the MAC order, the evaluation protocol and the
+seed. Extra `titans fit` arguments (after --) make a screening run: they need a --label, and
+such runs live in runs/LABEL/ and screening/LABEL/, tabled apart, per label.
 
-``--jobs`` runs that many at once (on a CPU, jobs x threads should not exceed the cores; on one
-GPU many jobs share the card). The exit code is 1 when any run failed.
+The configs and the arrays are found without assuming where this package sits (see --configs
+and --data-root). --jobs runs that many at once (on a CPU, jobs x threads should not exceed the
+cores; on one GPU many jobs share the card). The exit code is 1 when any run failed.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
+import importlib.resources
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {  # name -> (config, published arrays)
-    "sinwave": ("configs/sinwave.yaml", "sinwave"),
-    "weather": ("configs/weather.yaml", "weather"),
-    "sinwave_long": ("configs/sinwave_long.yaml", "sinwave"),
+from .bench_table import render
+
+BENCHMARKS = {  # name -> (config file in the configs folder, published arrays' folder)
+    "sinwave": ("sinwave.yaml", "sinwave"),
+    "weather": ("weather.yaml", "weather"),
+    "sinwave_long": ("sinwave_long.yaml", "sinwave"),
 }
+ARRAYS = ("train.npy", "valid.npy", "test.npy")
 BASELINES = ("titans_default", "adam_gated", "contrastive_ema")
-PUBLISHED = {  # REFERENCE.md, test MSE
-    "adam_gated": {"sinwave": 0.019, "weather": 0.052, "sinwave_long": 0.032},
-    "contrastive_ema": {"sinwave": 0.018, "weather": 0.050, "sinwave_long": 0.033},
-    "titans_default": {"sinwave": 0.019, "weather": 0.051, "sinwave_long": 0.032},
-}
-ORACLE = {"sinwave": 0.0135, "sinwave_long": 0.0133}
 _print_lock = threading.Lock()
 
 
@@ -89,11 +91,11 @@ def run_name(benchmark: str, strategy: str, scope: str, order: str, protocol: st
 def fit_arguments(args, benchmark: str, strategy: str, seed: int, run_dir: Path) -> list[str]:
     """The ``titans fit`` arguments of one run, without the checkpoint it may resume from."""
     config, arrays = BENCHMARKS[benchmark]
-    argv = ["fit", "--config", str(ROOT / config),
+    argv = ["fit", "--config", str(args.configs / config),
             f"--model.strategy={strategy}", f"--model.memory_scope={args.scope}",
             f"--model.mac_order={args.order}", f"--model.eval_protocol={args.protocol}",
             f"--seed_everything={seed}",
-            f"--data.init_args.data_dir={Path(args.data_root).resolve() / arrays}",
+            f"--data.init_args.data_dir={args.data_root / arrays}",
             f"--trainer.logger.init_args.save_dir={run_dir}",
             "--trainer.enable_progress_bar=false", f"--trainer.accelerator={args.accelerator}"]
     if args.options:
@@ -143,7 +145,7 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     save_attempts()
     with open(run_dir / "log.txt", "a") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=env, cwd=ROOT, text=True, bufsize=1)
+                                   env=env, cwd=run_dir, text=True, bufsize=1)
         for line in process.stdout:
             log.write(line)
             if line.startswith(("epoch ", "test MSE")):
@@ -173,81 +175,58 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     return "done"
 
 
-def load_records(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+def editable_source() -> Path | None:
+    """The source folder of an editable install of this package, from the install's own record
+    (``direct_url.json``, PEP 610), or None for a regular install or no install. (Build metadata
+    without that record, such as a checkout's ``*.egg-info``, is passed over.)"""
+    for dist in importlib.metadata.distributions(name="titans-lightning"):
+        info = json.loads(dist.read_text("direct_url.json") or "{}")
+        url = urllib.parse.urlparse(info.get("url", ""))
+        if info.get("dir_info", {}).get("editable") and url.scheme == "file":
+            return Path(urllib.request.url2pathname(url.path))
+    return None
 
 
-def number(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
+def config_folders() -> list[Path]:
+    """Where the benchmark configs are looked for, in order: shipped inside the package, in the
+    source folder of an editable install, then ``./configs``."""
+    folders = [Path(str(importlib.resources.files("titans_lightning") / "configs"))]
+    source = editable_source()
+    if source is not None:
+        folders.append(source / "configs")
+    return folders + [Path.cwd() / "configs"]
 
 
-def cell(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.4f} (1 seed)"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)} seeds)"
+def data_folders() -> list[Path]:
+    """Where the published arrays are looked for, in order: ``./data`` and ``../shared/data``
+    (the configs' own convention) from the working directory, then the same two beside the
+    source folder of an editable install."""
+    bases = [Path.cwd()]
+    source = editable_source()
+    if source is not None:
+        bases.append(source)
+    return [folder for base in bases for folder in (base / "data", base.parent / "shared" / "data")]
 
 
-def strategy_label(record: dict) -> str:
-    options = record.get("strategy_options") or {}
-    text = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-    return f"{record['strategy']} ({text})" if text else record["strategy"]
+def has_configs(folder: Path, benchmarks: list[str]) -> bool:
+    return all((folder / BENCHMARKS[b][0]).is_file() for b in benchmarks)
 
 
-def render(out: Path) -> Path:
-    """Write RESULTS.md from the full-protocol records and the screening records under ``out``."""
-    rows: dict[tuple, dict[str, list[float]]] = {}
-    for r in load_records(out / "results"):
-        key = (strategy_label(r), r["memory_scope"], r.get("mac_order", "reference"),
-               r["protocol"])
-        rows.setdefault(key, {}).setdefault(r["benchmark"], []).append(r["test_mse"])
-    names = list(BENCHMARKS)
-    lines = ["# Benchmark results", "",
-             "Test MSE at the best validation epoch, mean ± sample std over seeds, from the "
-             "full-protocol records in `benchmarks/results/` (one per run: config, exact "
-             "`titans fit` arguments, commit, seed, device, wall time of every attempt). "
-             "Rendered by `titans-bench --render`; runs are made with `titans-bench`.", "",
-             "## Our runs (full protocol)", "",
-             "| strategy | memory | MAC order | protocol | " + " | ".join(names) + " |",
-             "|---|---|---|---|" + "---|" * len(names)]
-    for (strategy, scope, order, protocol), cells in sorted(rows.items()):
-        lines.append(f"| {strategy} | {scope} | {order} | {protocol} | "
-                     + " | ".join(cell(cells.get(b, [])) for b in names) + " |")
-    if not rows:
-        lines.append("| (no finished run yet) |  |  |  |" + " |" * len(names))
-    lines += ["", "## Published (seed table, REFERENCE.md)", "",
-              "| strategy | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for strategy, cells in PUBLISHED.items():
-        lines.append(f"| {strategy} | " + " | ".join(f"{cells[b]:.3f}" for b in names) + " |")
-    lines.append("| oracle (sine family) | 0.0135 | — | 0.0133 |")
-    lines += ["", *screening_table(out)]
-    notes = out / "research.md"  # what was tried and what it did, written by hand
-    if notes.exists():
-        lines += ["", notes.read_text().rstrip()]
-    path = out / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def has_arrays(folder: Path, benchmarks: list[str]) -> bool:
+    return all((folder / BENCHMARKS[b][1] / name).is_file() for b in benchmarks for name in ARRAYS)
 
 
-def screening_table(out: Path) -> list[str]:
-    labels = sorted(p for p in (out / "screening").glob("*") if p.is_dir())
-    records = [(label.name, r) for label in labels for r in load_records(label)]
-    if not records:
-        return []
-    lines = ["## Screening runs (`titans-bench --label ...`, never part of the table above)", "",
-             "Indicative only: one seed, the extra `titans fit` arguments shown; selection on "
-             "validation.", "",
-             "| label | benchmark | strategy | memory | MAC order | extra arguments | seed | "
-             "best epoch | best val | test at best val | wall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label, r in records:
-        extra = " ".join(r["extra_args"])
-        lines.append(
-            f"| {label} | {r['benchmark']} | {strategy_label(r)} | {r['memory_scope']} | "
-            f"{r['mac_order']} | `{extra}` | {r['seed']} | {r['best_epoch']} | "
-            f"{number(r['val_mse'])} | {number(r['test_mse'])} | {r['wall_s'] / 60:.0f} min |")
-    return lines
+def locate(given: Path | None, candidates: list[Path], holds, benchmarks: list[str],
+           what: str, option: str) -> Path:
+    """``given`` if it holds what the benchmarks need, else the first candidate that does; the
+    error names every folder tried and the option that chooses one."""
+    tried = [f.resolve() for f in ([given] if given is not None else candidates)]
+    for folder in tried:
+        if holds(folder, benchmarks):
+            return folder
+    raise FileNotFoundError(
+        f"no folder with {what} for {', '.join(benchmarks)}; tried "
+        f"{', '.join(str(f) for f in tried)}. Pass {option} DIR")
 
 
 def threads_per_run(jobs: int, cores: int | None = None) -> int:
@@ -255,39 +234,64 @@ def threads_per_run(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Run the benchmark table (resumable); see the module docstring.")
-    p.add_argument("--strategies", nargs="+", default=list(BASELINES),
-                   help="strategy names or paths (default: the three published baselines)")
+        prog="titans-bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--strategies", nargs="+", default=list(BASELINES), metavar="STRATEGY",
+                   help="built-in strategy names, dotted modules or .py files (default: the "
+                        "three published baselines)")
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS),
-                   help="benchmarks to run (default: all three)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   metavar="BENCHMARK",
+                   help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="SEED",
                    help="seeds (--seed_everything) to run (default: 0 1 2)")
     p.add_argument("--scope", default="shared", choices=["shared", "per_sequence"],
-                   help="memory scope of every run")
+                   help="memory scope (--model.memory_scope) of every run (default: shared)")
     p.add_argument("--order", default="reference", choices=["reference", "causal"],
-                   help="MAC order (--model.mac_order): reference (published) or causal")
-    p.add_argument("--options", type=json.loads, default={},
-                   help='strategy options as JSON, e.g. \'{"theta": 0.5}\' (part of the run name)')
+                   help="MAC order (--model.mac_order): reference (published, the default) or "
+                        "causal")
+    p.add_argument("--options", type=json.loads, default={}, metavar="JSON",
+                   help='strategy options (--model.strategy_options) as a JSON object, e.g. '
+                        '\'{"theta": 0.5}\'; part of the run name (default: none)')
     p.add_argument("--protocol", default="default", choices=["default", "reference"],
-                   help="evaluation protocol (reference: the published quirks, fidelity only)")
+                   help="evaluation protocol (--model.eval_protocol; default: default); "
+                        "reference: the published quirks, for fidelity only")
     p.add_argument("--label", default=None,
-                   help="screening label: required with extra fit arguments; such runs are kept "
-                        "under screening/<label>/ and never reach the table")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+                   help="screening label, required with extra fit arguments: such runs are kept "
+                        "under runs/LABEL/ and screening/LABEL/ and never reach the main table")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per run (OMP_NUM_THREADS; default: the cores / --jobs, "
                         "since more runs' busy-waiting threads than cores slow all of them)")
     p.add_argument("--accelerator", default="auto",
-                   help="--trainer.accelerator of every run (auto: a GPU where there is one)")
-    p.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
-                   help="folder with the published arrays (sinwave/, weather/)")
-    p.add_argument("--out", type=Path, default=Path("titans-bench"),
-                   help="folder of results/, screening/, runs/ and RESULTS.md (default: "
-                        "./titans-bench; the repository's own table is --out benchmarks)")
-    p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md")
-    p.add_argument("extra", nargs="*", help="more `titans fit` arguments, after --")
+                   help="--trainer.accelerator of every run (default: auto, a GPU where there "
+                        "is one)")
+    p.add_argument("--configs", type=Path, default=None, metavar="DIR",
+                   help="folder of the benchmark configs (sinwave.yaml, weather.yaml, "
+                        "sinwave_long.yaml); default: the package's own, those of an editable "
+                        "install's source folder, then ./configs")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="folder of the published arrays (sinwave/ and weather/, each with "
+                        "train.npy, valid.npy and test.npy); default: the first of ./data, "
+                        "../shared/data, and the same two beside an editable install's source "
+                        "folder that has them")
+    p.add_argument("--out", type=Path, default=Path("titans-bench"), metavar="DIR",
+                   help="folder of runs/, results/, screening/, results.csv, screening.csv and "
+                        "RESULTS.md (default: ./titans-bench, so that nothing tracked is "
+                        "overwritten; the repository's own table is --out benchmarks)")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: only rewrite RESULTS.md, results.csv and screening.csv "
+                        "from the records in --out")
+    p.add_argument("extra", nargs="*", metavar="-- FIT_ARGUMENT",
+                   help="more `titans fit` arguments, after --: a screening run (needs --label); "
+                        "give paths in them as absolute paths, since each run works in its own "
+                        "folder runs/[LABEL/]RUN/")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.extra and not args.label:
         p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
@@ -299,11 +303,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--options must be a JSON object, got {args.options!r}")
     if args.threads is None:
         args.threads = threads_per_run(args.jobs)
-    # each run's process works in the package's folder: paths must not depend on this one's
+    # each run's process works in its own folder: no path may depend on this one's
     args.out = args.out.resolve()
     args.strategies = [str(Path(s).resolve()) if s.endswith(".py") else s
                        for s in args.strategies]
+    if not args.render:  # rendering needs neither configs nor data
+        try:
+            args.configs = locate(args.configs, config_folders(), has_configs, args.benchmarks,
+                                  "the benchmark configs", "--configs")
+            args.data_root = locate(args.data_root, data_folders(), has_arrays, args.benchmarks,
+                                    "the published arrays", "--data-root")
+        except FileNotFoundError as missing:
+            p.error(str(missing))
     return args
+
+
+def written(table: Path) -> str:
+    return f"{table} (and results.csv, screening.csv beside it)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -316,11 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         counts = {k: outcomes.count(k) for k in ("done", "skipped", "failed")}
         say(f"{len(runs)} runs: {counts['done']} finished, {counts['skipped']} done before, "
             f"{counts['failed']} failed")
-        say(f"wrote {render(args.out)}")
+        say(f"wrote {written(render(args.out))}")
         if counts["failed"]:
             sys.exit(1)
         return
-    say(f"wrote {render(args.out)}")
+    say(f"wrote {written(render(args.out))}")
 
 
 if __name__ == "__main__":
