@@ -1,22 +1,24 @@
 """Seconds per batch of the benchmark MACTitan (batch 4, 500 steps, sinwave shapes).
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
-                                    [--library-encoder | --no-fused] [--out results.jsonl]
+                                    [--library-encoder | --no-kernels] [--out results.jsonl]
 
-Times training batches (dropout on, forward + backward + Adam step) and evaluation batches
+Times training batches (dropout on, forward + backward + Adam step, the loss that of
+``TitansForecaster``: ``titans_lightning.module.forecast_loss``) and evaluation batches
 (eval mode, no outer gradient; the memory still learns) for context windows 16 and 32, and
 prints the median of each; the last line is one JSON object with the four figures. ``--out``
 appends the run to a JSON-lines file with what it ran on: commit, device, threads, seed, every
 batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
-straightforward implementation) for comparison; ``--no-fused`` keeps the package's layer but
-runs its feed-forward on the plain PyTorch path instead of the fused kernel.
+straightforward implementation) for comparison; ``--no-kernels`` keeps the package's layer but
+switches the CPU kernels off (``TITANS_LIGHTNING_FUSED=0``): every operation on PyTorch.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -24,8 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from titans_lightning import MACTitan, fused
+from titans_lightning import MACTitan, kernels
 from titans_lightning import model as mac_model
+from titans_lightning.kernels import build
+from titans_lightning.module import forecast_loss
 from titans_lightning.results import git_commit
 
 
@@ -34,7 +38,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_batches(model: MACTitan, batch: torch.Tensor, train: bool, n: int, warmup: int) -> list[float]:
+def time_batches(model: MACTitan, batch: torch.Tensor, train: bool, n: int,
+                 warmup: int) -> list[float]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train(train)
     times = []
@@ -42,8 +47,8 @@ def time_batches(model: MACTitan, batch: torch.Tensor, train: bool, n: int, warm
         _sync(batch.device)
         start = time.perf_counter()
         if train:
-            preds, valid = model(batch)
-            loss = torch.nn.functional.mse_loss(preds[:, valid][:, :-1], batch[:, valid][:, 1:])
+            preds, _ = model(batch)  # the batch is its own target: preds[:, t] forecasts t+1
+            loss = forecast_loss(preds, batch, model.C - 1)  # scored as TitansForecaster does
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -64,18 +69,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--library-encoder", action="store_true",
                         help="use nn.TransformerEncoderLayer instead of the package's layer")
-    parser.add_argument("--no-fused", action="store_true",
-                        help="feed-forward on the PyTorch path, not the fused CPU kernel")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="switch the CPU kernels off: every operation on the PyTorch path")
     parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
     args = parser.parse_args()
     started = time.perf_counter()
-    mac_model.EncoderLayer.fused = not args.no_fused
+    if args.no_kernels:
+        os.environ[build.SWITCH] = "0"
     if args.library_encoder:
         mac_model.EncoderLayer = lambda d, h, f, p: torch.nn.TransformerEncoderLayer(
             d, h, f, p, activation=F.silu, batch_first=True)
     torch.set_num_threads(args.threads)
-    if args.device == "cpu" and not args.no_fused and not args.library_encoder:
-        print(f"fused feed-forward kernel: {'on' if fused.library() else 'unavailable'}")
+    if args.device == "cpu" and not args.no_kernels:
+        print(f"CPU kernels: {'on' if kernels.available() else build.failure() or 'off'}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None].to(device)  # (4, 500, 1)
@@ -93,7 +99,7 @@ def main() -> None:
                "device": _device(device), "threads": args.threads, "seed": 0,
                "batches": args.batches, "warmup": args.warmup,
                "variant": "library-encoder" if args.library_encoder
-               else "no-fused" if args.no_fused else "fused",
+               else "no-kernels" if args.no_kernels else "fused",
                "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds")}

@@ -375,12 +375,12 @@ def test_ranks_with_different_sequence_lengths_fail_naming_it(tmp_path):
 def test_float32_with_dropout_and_the_kernels_keeps_one_memory_on_two_ranks(tmp_path):
     """As the benchmarks run: float32, dropout on (each rank its own masks), the CPU kernels.
     The memory and the outer weights stay bit-identical on the two ranks."""
-    from titans_lightning import fused
+    from titans_lightning import kernels
 
     ranks = run(tmp_path, 2, B, float32=True).ranks
     assert ranks[0]["train_reduce"] == [True] * 4
     assert_same(ranks[0]["train_end"], ranks[1]["train_end"])
     weights = ranks[0]["train_end"]["model.layers.0.memory.fast_weights"]
     assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
-    assert fused.library() is not None or os.environ.get("TITANS_LIGHTNING_FUSED") == "0" \
+    assert kernels.available() or os.environ.get("TITANS_LIGHTNING_FUSED") == "0" \
         or not os.environ.get("CI"), "the kernels are part of this check in CI"

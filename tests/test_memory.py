@@ -204,7 +204,7 @@ def test_memory_pickles_and_deep_copies_with_its_strategy():
 def test_retrieval_node_has_the_gradients_of_the_plain_mlp(slots):
     """The two-layer memory's hand-written backward, and its double backward (differentiable
     rules), equal autograd through the plain MLP; without autograd it is the same function."""
-    from titans_lightning.memory import _TwoLayerMemory
+    from titans_lightning.kernels import _TwoLayerMemory  # retrieve's node (kernels.memory_mlp)
 
     torch.manual_seed(0)
     memory = NeuralMemory(dim=4, hidden=6).double()
@@ -269,7 +269,7 @@ def test_unflattened_views_keep_the_gradient_mode_of_the_unflatten_call():
 
 
 def test_any_non_finite_entry_marks_only_its_slot():
-    from titans_lightning.memory import _all_finite
+    from titans_lightning.kernels import all_finite as _all_finite
 
     big = torch.full((3, 5), 3e38)  # finite, though their sum would overflow
     for bad in (float("nan"), float("inf"), -float("inf")):

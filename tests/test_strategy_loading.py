@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import titans_lightning.strategy as strategy_module
-from titans_lightning import MACTitan, NeuralMemory, StrategyError, fused, load_strategy
+from titans_lightning import MACTitan, NeuralMemory, StrategyError, load_strategy
 from titans_lightning.strategy import builtin_strategies
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "custom_memory.py"
@@ -43,8 +43,8 @@ def test_template_from_a_temp_file_runs_end_to_end(tmp_path):
 
 def test_template_matches_the_builtin_default_rule(tmp_path, monkeypatch):
     # the built-in rule's keys and values, on their kernel, agree with the template's operators
-    # to rounding (tests/test_fused.py); here both take the operators, so they agree exactly
-    monkeypatch.setattr(fused, "supports_keys_values", lambda *args: False)
+    # to rounding (tests/test_kernels.py); here both take the operators, so they agree exactly
+    monkeypatch.setenv("TITANS_LIGHTNING_FUSED", "0")
     x = torch.randn(1, 6, 16)
     memories = []
     for spec in ("titans_default", str(write_rule(tmp_path))):

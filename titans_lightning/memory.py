@@ -32,10 +32,9 @@ from types import ModuleType
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
+from . import kernels
 from .strategy import USER_MODULE_PREFIX, StrategyError, load_strategy, probing
 
 STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate", "skipped")
@@ -216,12 +215,7 @@ class NeuralMemory(nn.Module):
         if self.num_layers == 1:
             w = self.weights
             return _linear(q, w["w"], w["b"])
-        flat = self.fast_weights
-        if torch.is_grad_enabled() and (q.requires_grad or flat.requires_grad):
-            return _TwoLayerMemory.apply(q, flat)
-        if fused.supports_memory(q, flat, self.hidden):
-            return fused.memory_forward(q, flat, self.hidden, keep=False)[0]
-        return _two_layer(q, *_two_layer_weights(flat, q.shape[-1]))[0]
+        return kernels.memory_mlp(q, self.fast_weights)
 
     def recall_error(self, keys: Tensor, values: Tensor) -> Tensor:
         """How badly the memory recalls ``values`` (S, R, d) from ``keys``: per slot, the sum over
@@ -229,16 +223,11 @@ class NeuralMemory(nn.Module):
         respect to the fast weights. The reference's surprise (Eq. 12); one autograd node where
         the CPU kernel applies, so a strategy that uses it updates faster than one that spells
         it out."""
-        flat = self.fast_weights
-        if (self.num_layers == 2 and not self.differentiable
-                and fused.supports_recall(keys, values, flat, self.hidden)):
-            if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-                return _RecallError.apply(keys, values, flat, self.hidden)
-            # only the weights can need a gradient: the kernel computes it with the surprise, and
-            # the update uses it directly when this surprise is the strategy's (no backward pass)
-            gradient: list[Tensor] = []
-            surprise = _Recall.apply(flat, keys, values, self.hidden, gradient)
-            self._now.recalled = (surprise, gradient[0])
+        if self.num_layers == 2:
+            surprise, gradient = kernels.recall_error(keys, values, self.fast_weights,
+                                                      twice_differentiable=self.differentiable)
+            if gradient is not None:  # came with the surprise: the update needs no backward pass
+                self._now.recalled = (surprise, gradient)
             return surprise
         return (self.retrieve(keys) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
 
@@ -304,16 +293,11 @@ class NeuralMemory(nn.Module):
                  ) -> tuple[Tensor, Tensor, Tensor]:
         """The strategy's (surprise, grads, new flat weights) for ``x``; it assigns its state."""
         versions = [t._version for t in (old, *old_state.values())]  # in-place edits bump them
-        self._now.gate = None  # what fused_update reports, if it runs
-        fast = self._fused_update(x)
-        if fast is not None:
-            surprise, grads, new = fast
-        else:
-            surprise, grads = self._surprise_and_grads(x, old)
-            if self.reduce is not None:
-                surprise, grads = self.reduce(surprise, grads, x.shape[1])
-            self._now.gate = None  # only apply_update reports the gate
-            new = self._apply_update(grads, surprise)
+        surprise, grads = self._surprise_and_grads(x, old)
+        if self.reduce is not None:
+            surprise, grads = self.reduce(surprise, grads, x.shape[1])
+        self._now.gate = None  # only apply_update reports the gate
+        new = self._apply_update(grads, surprise)
         if versions != [t._version for t in (old, *old_state.values())]:
             raise self._broke("the update", "changed the fast weights or the strategy state in "
                               "place; assign new tensors instead (memory.state[name] = new, and "
@@ -334,7 +318,7 @@ class NeuralMemory(nn.Module):
         x = torch.where(_expand(ok, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
         surprise, grads, new = self._compute(x, old, old_state)
         check = _detached(surprise) + self._state_flag(old_state)
-        redone_ok = ok & _all_finite(check.reshape(self.n_slots, -1), grads, new)
+        redone_ok = ok & kernels.all_finite(check.reshape(self.n_slots, -1), grads, new)
         self.skipped_updates.add_((ok & ~redone_ok).sum())  # slots the first pass kept
         return redone_ok, torch.where(redone_ok[:, None], new, old)
 
@@ -397,26 +381,8 @@ class NeuralMemory(nn.Module):
                  ) -> tuple[Tensor, Tensor]:
         """Per slot (S,), whether the update is finite, and the weights to keep (the new ones
         where it is, the old ones elsewhere); counts the update and its skipped slots."""
-        if (surprise.shape == (self.n_slots,) and new.shape == grads.shape == old.shape
-                and fused.supports_commit(surprise, grads, new, old)):  # one kernel call
-            return fused.commit_update(surprise, grads, new, old, self.num_updates,
-                                       self.skipped_updates)
-        ok = _all_finite(surprise.reshape(self.n_slots, -1), grads, new)  # (S,)
-        self.num_updates.add_(1)
-        self.skipped_updates.add_(ok.numel() - ok.sum())
-        return ok, torch.where(ok[:, None], new, old)
-
-    def _fused_update(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The strategy's optional ``fused_update(memory, x)``: the whole update in one call,
-        (surprise, grads, new flat weights), or None to take the four-function path. Never
-        with a reduce hook (it needs the surprise and gradients in between) or a rule whose
-        graph the outer optimiser follows."""
-        fused_update = getattr(self.strategy, "fused_update", None)
-        if fused_update is None or self.reduce is not None or self.differentiable:
-            return None
-        if not _stands_for_its_rule(self.strategy, fused_update):
-            return None
-        return fused_update(self, x)
+        return kernels.commit_update(surprise, grads, new, old, self.num_updates,
+                                     self.skipped_updates)
 
     def _surprise_and_grads(self, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         keep_graph = self.differentiable and torch.is_grad_enabled()
@@ -557,15 +523,6 @@ class NeuralMemory(nn.Module):
                 f"strategy={strategy}, slots={self.n_slots}")
 
 
-def _stands_for_its_rule(strategy: Any, fused_update: Any) -> bool:
-    """Whether ``fused_update`` was written with the strategy's own three functions: it comes
-    from the module (or class) that defines them. A rule that imports another's fused_update
-    and replaces one of its functions does not take it."""
-    home = getattr(fused_update, "__module__", None)
-    return all(getattr(getattr(strategy, name, None), "__module__", None) == home
-               for name in ("compute_keys_values", "compute_surprise", "apply_update"))
-
-
 def _portable_spec(spec: Any, strategy: Any) -> Any:
     """What to reload the strategy from in another process: its string, file or module name."""
     if isinstance(spec, str):
@@ -576,116 +533,6 @@ def _portable_spec(spec: Any, strategy: Any) -> Any:
             return strategy.__file__
         return name
     return strategy  # an object: pickled as itself
-
-
-def _two_layer_weights(flat: Tensor, d: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Views of the flat weights, per slot ``[W1 (h, d) | b1 (h) | W2 (d, h) | b2 (d)]``, shaped
-    for batched products: W1^T (S, d, h), b1 (S, 1, h), W2^T (S, h, d), b2 (S, 1, d).
-
-    One ``as_strided`` each, where slicing, viewing and transposing would take three operations.
-    """
-    flat = flat.contiguous()
-    S, n = flat.shape
-    h = _hidden_width(flat, d)
-    o = flat.storage_offset()
-    return (flat.as_strided((S, d, h), (n, 1, d), o),
-            flat.as_strided((S, 1, h), (n, h, 1), o + h * d),
-            flat.as_strided((S, h, d), (n, 1, h), o + h * d + h),
-            flat.as_strided((S, 1, d), (n, d, 1), o + 2 * h * d + h))
-
-
-def _hidden_width(flat: Tensor, d: int) -> int:
-    """h of the flat two-layer weights (S, h*d + h + d*h + d)."""
-    return (flat.shape[1] - d) // (2 * d + 1)
-
-
-def _two_layer(q: Tensor, w1t: Tensor, b1: Tensor, w2t: Tensor, b2: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """``M(q) = silu(q W1^T + b1) W2^T + b2`` per slot -> (out, pre-activation a, silu(a))."""
-    a = torch.baddbmm(b1, q, w1t)  # (S, R, h)
-    s = F.silu(a)
-    return torch.baddbmm(b2, s, w2t), a, s  # (S, R, d)
-
-
-class _TwoLayerMemory(torch.autograd.Function):
-    """The two-layer memory on its flat weights, with a hand-written backward.
-
-    Autograd through the composite spends most of an update on bookkeeping (a node, views and
-    copies per weight); this is one node whose backward is four products and two sums. When the
-    backward itself is differentiated (``create_graph``, a differentiable rule), it recomputes
-    the activations from the saved inputs so that the second derivative is exact.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, flat: Tensor) -> Tensor:
-        d = q.shape[-1]
-        hidden = _hidden_width(flat, d)
-        if fused.supports_memory(q, flat, hidden):  # the same maths in one CPU kernel call
-            out, a, s = fused.memory_forward(q, flat, hidden, keep=True)
-        else:
-            out, a, s = _two_layer(q, *_two_layer_weights(flat, d))
-        ctx.save_for_backward(q, flat, a, s)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        q, flat, a, s = ctx.saved_tensors
-        if not torch.is_grad_enabled() and fused.supports_memory(q, flat, a.shape[-1]):
-            return fused.memory_backward(q, flat, a, s, g, *ctx.needs_input_grad)
-        w1t, b1, w2t, b2 = _two_layer_weights(flat, q.shape[-1])
-        gs = torch.bmm(g, w2t.transpose(1, 2))  # (S, R, h)
-        if torch.is_grad_enabled():  # double backward: a and s must carry their graph
-            _, a, s = _two_layer(q, w1t, b1, w2t, b2)
-            sig = torch.sigmoid(a)
-            ga = gs * sig * (1 + a * (1 - sig))  # silu'(a) in differentiable operations
-        else:
-            ga = torch.ops.aten.silu_backward(gs, a)  # (S, R, h)
-        gq = torch.bmm(ga, w1t.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # (S, R, d)
-        gflat = None
-        if ctx.needs_input_grad[1]:
-            gw1 = torch.bmm(ga.transpose(1, 2), q)  # (S, h, d)
-            gw2 = torch.bmm(g.transpose(1, 2), s)  # (S, d, h)
-            gflat = torch.cat([gw1.flatten(1), ga.sum(1), gw2.flatten(1), g.sum(1)], dim=1)
-        return gq, gflat
-
-
-class _RecallError(torch.autograd.Function):
-    """``sum_features mean_rows (M(keys) - values)^2`` per slot, with the memory on the kernel."""
-
-    @staticmethod
-    def forward(ctx, keys: Tensor, values: Tensor, flat: Tensor, hidden: int) -> Tensor:
-        out, a, s = fused.memory_forward(keys, flat, hidden, keep=True)
-        diff = out.sub_(values)  # (S, R, d)
-        ctx.save_for_backward(keys, flat, a, s, diff)
-        return diff.square().sum((1, 2)) / keys.shape[1]  # (S,)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        keys, flat, a, s, diff = ctx.saved_tensors
-        g_out = diff * (g * (2.0 / keys.shape[1]))[:, None, None]  # (S, R, d)
-        need_keys, need_values, need_flat = ctx.needs_input_grad[:3]
-        g_keys, g_flat = fused.memory_backward(keys, flat, a, s, g_out, need_keys, need_flat)
-        return g_keys, -g_out if need_values else None, g_flat, None
-
-
-class _Recall(torch.autograd.Function):
-    """The same surprise with the weights' gradient computed in the forward pass (one kernel
-    call) and handed out through ``gradient``; the backward pass only scales it."""
-
-    @staticmethod
-    def forward(ctx, flat: Tensor, keys: Tensor, values: Tensor, hidden: int,
-                gradient: list) -> Tensor:
-        surprise, gflat = fused.memory_recall(keys, values, flat, hidden)
-        ctx.save_for_backward(gflat)
-        gradient.append(gflat)
-        return surprise
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor):
-        (gflat,) = ctx.saved_tensors
-        return gflat * g[:, None], None, None, None, None
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -752,14 +599,6 @@ for _name in ("__getitem__", "__iter__", "__len__", "__contains__", "__repr__", 
               "__delitem__", "__reduce_ex__", "keys", "values", "items", "get", "copy", "pop",
               "popitem", "setdefault", "update", "clear"):
     setattr(_FlatViews, _name, _reading_makes_views(getattr(dict, _name)))
-
-
-def _all_finite(*flats: Tensor) -> Tensor:
-    """Per slot, whether every entry of the (S, ...) tensors is finite, in four operations:
-    ``x * 0`` is 0 for finite x and NaN for inf or NaN, so a slot's sum is 0 exactly when all
-    its entries are finite (no sum of large values that could overflow)."""
-    with torch.no_grad():
-        return torch.cat([f.reshape(f.shape[0], -1) for f in flats], dim=1).mul_(0).sum(1) == 0
 
 
 def _detached(t: Tensor) -> Tensor:

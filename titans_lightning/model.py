@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
+from . import kernels
 from .encoder import EncoderLayer
 from .memory import NeuralMemory
 
@@ -82,18 +82,11 @@ class MACLayer(nn.Module):
 
     def recall(self, x: Tensor, then_silu: bool) -> Tensor:
         """The memory's answer ``M(ask(x))`` to the queries of rows x (S, R, d)."""
-        memory = self.memory
-        flat, hidden = memory.fast_weights, memory.hidden
-        if memory.num_layers == 2 and fused.supports_query_memory(x, self.query, flat, hidden):
-            return fused.query_memory(x, self.query, then_silu, flat, hidden)  # one kernel call
-        return memory.retrieve(self.ask(x, then_silu))
+        return self.memory.retrieve(self.ask(x, then_silu))
 
     def ask(self, x: Tensor, then_silu: bool) -> Tensor:
         """The memory query ``normalize(Q x)`` (then silu, step 1) of rows x (..., d)."""
-        if fused.supports_query(x, self.query):  # no gradient: one kernel call
-            return fused.query(x, self.query, then_silu)
-        q = F.normalize(self.query(x), dim=-1)
-        return F.silu(q) if then_silu else q
+        return kernels.mac_query(x, self.query, then_silu)
 
     def attend(self, x: Tensor) -> Tensor:
         """Steps 1-4: retrieve with the current memory, attend, project -> y (N, C*d)."""

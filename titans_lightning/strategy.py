@@ -40,12 +40,7 @@ without ``DEFAULTS`` gets its options as they are, unchecked.
 Optional, beyond the four functions: ``DIFFERENTIABLE = True`` keeps the graph of every update
 while training (the outer optimiser then learns ``learnable=True`` state through the memory's
 updates); ``reduce_across_ranks(memory, surprise, grads, rows)`` replaces how the surprise and
-gradients are combined across processes under DDP (see :mod:`titans_lightning.distributed`);
-``fused_update(memory, x)`` may do the work of the other three functions in one call, returning
-``(surprise, grads, new_flat_weights)`` (and assigning its new state), or None to leave it to
-them. It must compute what they compute; the harness uses it outside DDP's reduce hook and
-``DIFFERENTIABLE`` rules, only when it comes from the module that defines the three functions,
-and checks and records its result like any other update.
+gradients are combined across processes under DDP (see :mod:`titans_lightning.distributed`).
 
 Strategy strings (the config stores only the string, so checkpoints stay portable):
 a built-in name (any module of :mod:`titans_lightning.strategies`, e.g. ``titans_default``), a

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "status.h"
 #include "vector.h"
 
 namespace {
@@ -266,39 +267,54 @@ void backward_all(const Attention& A, const float* g, float* gqkv, int threads) 
     case 8: fn<8>(__VA_ARGS__); break;  \
     case 16: fn<16>(__VA_ARGS__); break; \
     case 32: fn<32>(__VA_ARGS__); break; \
-    default: return 0;                  \
+    default: return kUnsupportedSize;   \
   }
+
+constexpr int64_t MAX_TOKENS = 256;  // forward_rows keeps a row's scores in 16 vectors
+
+int64_t padded(int64_t L) { return (L + V - 1) / V * V; }
+
+bool sizes_supported(int64_t N, int64_t L, int64_t H) {
+  return N >= 0 && H >= 1 && L >= 1 && L <= MAX_TOKENS;
+}
 
 }  // namespace
 
 extern "C" {
 
-int titans_attention_supported(int64_t e, int64_t L) {
-  return (e == 4 || e == 8 || e == 16 || e == 32) && L >= 1 && L <= 256;
+// *Lp = L rounded up to a multiple of V: the row length of the weights p below.
+int titans_attention_padded(int64_t L, int64_t* Lp) {
+  if (L < 1 || L > MAX_TOKENS) return kUnsupportedSize;
+  *Lp = padded(L);
+  return kOk;
 }
-
-int64_t titans_attention_padded(int64_t L) { return (L + V - 1) / V * V; }
 
 // out (N, L, H, e) = dropout(softmax(q k^T / sqrt(e))) v per window and head, from the input
 // projection qkv (N, L, 3, H, e); p (N * H, L, Lp), unless null, receives the softmax weights
-// (before dropout) for the backward pass. Returns 0 for unsupported sizes.
+// (before dropout) for the backward pass. e must be 4, 8, 16 or 32, and 1 <= L <= MAX_TOKENS.
 int titans_attention_forward(const float* qkv, int64_t N, int64_t L, int64_t H, int64_t e,
                              uint64_t seed, uint32_t threshold, float keep_scale, float* p,
                              float* out, int threads) {
-  const Attention A{qkv, p, N * H, L, titans_attention_padded(L), H, H * e,
-                    1.0f / std::sqrt(float(e)), seed, threshold, keep_scale};
-  TITANS_HEAD_WIDTHS(forward_all, e, A, out, threads < 1 ? 1 : threads)
-  return 1;
+  if (!sizes_supported(N, L, H)) return kUnsupportedSize;
+  const Attention A{qkv, p, N * H, L, padded(L), H, H * e, 1.0f / std::sqrt(float(e)), seed,
+                    threshold, keep_scale};
+  return guarded([&] {
+    TITANS_HEAD_WIDTHS(forward_all, e, A, out, threads < 1 ? 1 : threads)
+    return kOk;
+  });
 }
 
 // gqkv (N, L, 3, H, e) from g = d loss / d out (N, L, H, e), the forward's input and weights p.
 int titans_attention_backward(const float* qkv, const float* p, const float* g, int64_t N,
                               int64_t L, int64_t H, int64_t e, uint64_t seed, uint32_t threshold,
                               float keep_scale, float* gqkv, int threads) {
-  const Attention A{qkv, const_cast<float*>(p), N * H, L, titans_attention_padded(L), H, H * e,
+  if (!sizes_supported(N, L, H)) return kUnsupportedSize;
+  const Attention A{qkv, const_cast<float*>(p), N * H, L, padded(L), H, H * e,
                     1.0f / std::sqrt(float(e)), seed, threshold, keep_scale};
-  TITANS_HEAD_WIDTHS(backward_all, e, A, g, gqkv, threads < 1 ? 1 : threads)
-  return 1;
+  return guarded([&] {
+    TITANS_HEAD_WIDTHS(backward_all, e, A, g, gqkv, threads < 1 ? 1 : threads)
+    return kOk;
+  });
 }
 
 }  // extern "C"

@@ -8,13 +8,14 @@
 // pass leaves its decisions as bits (16 per int16) for the backward pass.
 //
 // Shape legend: M rows, D = 16 row width, f hidden width (a multiple of 16), V = 16 lanes.
-// Built by titans_lightning/fused.py with the machine's own vector instructions; plain C++ with
-// GCC/Clang vector types and OpenMP, no other library.
+// Built by titans_lightning/kernels/build.py with the machine's own vector instructions; plain
+// C++ with GCC/Clang vector types and OpenMP, no other library.
 
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
 
+#include "status.h"
 #include "vector.h"
 
 namespace {
@@ -253,8 +254,9 @@ extern "C" {
 
 // The dropout decisions the kernels make for an (M, f) matrix (the feed-forward's activation,
 // or the attention weights as (windows * heads * L, L)), as 0/1 bytes: for tests and inspection.
-void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f,
-                         uint8_t* keep) {
+int titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f,
+                        uint8_t* keep) {
+  if (M < 0 || f < 0) return kUnsupportedSize;
   for (int64_t r = 0; r < M; ++r) {
     const uint32_t key = row_key(seed, r);
     for (int64_t j = 0; j < f; j += V) {
@@ -262,30 +264,34 @@ void titans_dropout_keep(uint64_t seed, uint32_t threshold, int64_t M, int64_t f
       for (int l = 0; l < V && j + l < f; ++l) keep[r * f + j + l] = k[l] ? 1 : 0;
     }
   }
+  return kOk;
 }
 
 // out (M, V) = dropout(x) for rows x (M, V): row r keeps lane j unless hash(seed, r, j) <
 // threshold (the draws of titans_dropout_keep with f = V), and scales what it keeps. The same
 // call with the same seed is the backward pass, applied to the gradient.
-void titans_dropout_apply(const float* x, int64_t M, uint64_t seed, uint32_t threshold,
-                          float scale, float* out, int threads) {
+int titans_dropout_apply(const float* x, int64_t M, uint64_t seed, uint32_t threshold,
+                         float scale, float* out, int threads) {
+  if (M < 0) return kUnsupportedSize;
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= 1024)
   for (int64_t r = 0; r < M; ++r) {
     const vu keep = keep_lanes(row_key(seed, r), 0, threshold);
     store(out + r * V, keep ? load(x + r * V) * scale : vf{});
   }
+  return kOk;
 }
 
 // out (M, D) = b2 + dropout(silu(x @ w1.T + b1)) @ w2.T, with w1 (f, D) and w2 (D, f) as
 // nn.Linear keeps them. With dropout and `bits` given, the keep decisions are left there for
 // the backward pass. With norm_w and norm_b given, out = LayerNorm(x + that) instead (forward
-// only). Returns 0, or 1 if out of memory.
+// only). f must be a positive multiple of V.
 int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* b1,
                        const float* w2, const float* b2, int64_t f, uint64_t seed,
                        uint32_t threshold, float scale, uint16_t* bits, float* out, int threads,
                        const float* norm_w, const float* norm_b, float eps) {
+  if (M < 0 || f <= 0 || f % V) return kUnsupportedSize;
   float* w1t = static_cast<float*>(std::malloc(sizeof(float) * 2 * D * f));
-  if (!w1t) return 1;
+  if (!w1t) return kOutOfMemory;
   float* w2t = w1t + D * f;
   transpose(w1, f, D, w1t);
   transpose(w2, D, f, w2t);
@@ -296,21 +302,22 @@ int titans_ffn_forward(const float* x, int64_t M, const float* w1, const float* 
   P.norm_w = norm_w; P.norm_b = norm_b; P.eps = eps;
   parallel_rows(forward_rows, P, threads);
   std::free(w1t);
-  return 0;
+  return kOk;
 }
 
 // Gradients of the forward above given g = d loss / d out (M, D) and the forward's keep bits
 // (or null: drawn again from the seed): gx (M, D), gw1 (f, D), gb1 (f), gw2 (D, f); gb2 is g
-// summed over rows, left to the caller. Returns 0, or 1 if out of memory.
+// summed over rows, left to the caller. f must be a positive multiple of V.
 int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float* b1,
                         const float* w2, int64_t f, const float* g, uint64_t seed,
                         uint32_t threshold, const uint16_t* bits, float scale, float* gx,
                         float* gw1, float* gb1, float* gw2, int threads) {
+  if (M < 0 || f <= 0 || f % V) return kUnsupportedSize;
   const int T = threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads);
   const int64_t per_thread = 2 * D * f + f;  // each thread's partial gw1t, gw2, gb1
   float* scratch = static_cast<float*>(
       std::calloc(static_cast<size_t>(D * f + T * per_thread), sizeof(float)));
-  if (!scratch) return 1;
+  if (!scratch) return kOutOfMemory;
   Problem P{};
   P.bits = const_cast<uint16_t*>(bits);
   P.x = x; P.g = g; P.w1 = w1; P.b1 = b1; P.w2 = w2; P.gx = gx;
@@ -333,7 +340,7 @@ int titans_ffn_backward(const float* x, int64_t M, const float* w1, const float*
   std::memcpy(gw2, P.gw2, sizeof(float) * D * f);
   std::memcpy(gb1, P.gb1, sizeof(float) * f);
   std::free(scratch);
-  return 0;
+  return kOk;
 }
 
 }  // extern "C"

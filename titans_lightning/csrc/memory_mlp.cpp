@@ -13,6 +13,7 @@
 #include <memory>
 #include <vector>
 
+#include "status.h"
 #include "vector.h"
 
 namespace {
@@ -186,32 +187,6 @@ void forward_slots(const float* q, const float* flat, int64_t S, int64_t R, floa
   }
 }
 
-// out (S, R, d) = M(query(x)) for rows x (S, R, 16), the MAC query (see query_row) with
-// wt = W^T (16, 16) and bias b: the query goes from registers to the memory, FB rows at a time.
-template <int dv, int hv>
-void query_forward_slots(const float* x, const float* wt, const float* b, bool then_silu,
-                         const float* flat, int64_t S, int64_t R, float* out, int threads) {
-  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
-  static_assert(dv == 1, "the MAC query is 16 wide");
-  const vf bv = load(b);
-  for (int64_t i = 0; i < S; ++i) {
-    const Slot w(flat + i * n, d, h);
-#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 512)
-    for (int64_t r0 = 0; r0 < R; r0 += FB) {
-      alignas(64) float q[FB * d];
-      const int64_t rows = R - r0 < FB ? R - r0 : FB, row = i * R + r0;
-      for (int64_t r = 0; r < rows; ++r)
-        store(q + r * d, query_row(x + (row + r) * d, wt, bv, then_silu));
-      if (rows == FB) {
-        forward_rows<dv, hv, FB>(w, q, out + row * d, nullptr, nullptr);
-      } else {
-        for (int64_t r = 0; r < rows; ++r)
-          forward_rows<dv, hv, 1>(w, q + r * d, out + (row + r) * d, nullptr, nullptr);
-      }
-    }
-  }
-}
-
 template <int dv, int hv>
 void backward_slots(const float* q, const float* flat, const float* a, const float* s,
                     const float* g, int64_t S, int64_t R, float* gq, float* gflat) {
@@ -282,131 +257,64 @@ void recall_slots(const float* q, const float* values, const float* flat, int64_
   }
 }
 
-// The built-in Titans rule (strategies/titans_default.py) for each slot in one pass, from the
-// layer outputs x (S, R, 16): keys and values (key_value_row), the surprise and its gradient
-// (recall_slots), then momentum' = eta momentum - theta grads and
-// weights' = alpha weights + momentum'.
-template <int dv, int hv>
-void titans_update_slots(const float* x, const float* kt, const float* vt, const float* flat,
-                         const float* momentum, float alpha, float eta, float theta, int64_t S,
-                         int64_t R, float* surprise, float* grads, float* fresh,
-                         float* fresh_momentum, int threads) {
-  constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
-  static_assert(dv == 1, "the keys and values are 16 wide");
-  std::unique_ptr<float[]> keys(new float[R * d]), values(new float[R * d]);
-  for (int64_t i = 0; i < S; ++i) {
-    const float* xi = x + i * R * d;
-#pragma omp parallel for num_threads(threads) schedule(static) if (R >= 1024)
-    for (int64_t r = 0; r < R; ++r)
-      key_value_row(xi + r * d, kt, vt, keys.get() + r * d, values.get() + r * d);
-    recall_slots<dv, hv>(keys.get(), values.get(), flat + i * n, 1, R, surprise + i,
-                         grads + i * n, threads);
-    for (int64_t e = 0; e < n; ++e) {
-      const float m = eta * momentum[i * n + e] - theta * grads[i * n + e];  // Eq. 13
-      fresh_momentum[i * n + e] = m;
-      fresh[i * n + e] = alpha * flat[i * n + e] + m;  // Eq. 14
-    }
-  }
-}
-
-// Calls fn<dv, hv>(args...) for the supported widths: d in {16, 32}, h in {16, 32, 64}.
+// Calls fn<dv, hv>(args...) for the supported widths, d in {16, 32} and h in {16, 32, 64}, and
+// returns kOk; kUnsupportedSize for any other width.
 #define TITANS_DISPATCH(fn, d, h, ...)                       \
+  if ((d) % V || (h) % V) return kUnsupportedSize;           \
   switch ((d) / V * 8 + (h) / V) {                           \
-    case 8 + 1: fn<1, 1>(__VA_ARGS__); return 1;             \
-    case 8 + 2: fn<1, 2>(__VA_ARGS__); return 1;             \
-    case 8 + 4: fn<1, 4>(__VA_ARGS__); return 1;             \
-    case 16 + 1: fn<2, 1>(__VA_ARGS__); return 1;            \
-    case 16 + 2: fn<2, 2>(__VA_ARGS__); return 1;            \
-    case 16 + 4: fn<2, 4>(__VA_ARGS__); return 1;            \
-    default: return 0;                                       \
+    case 8 + 1: fn<1, 1>(__VA_ARGS__); return kOk;           \
+    case 8 + 2: fn<1, 2>(__VA_ARGS__); return kOk;           \
+    case 8 + 4: fn<1, 4>(__VA_ARGS__); return kOk;           \
+    case 16 + 1: fn<2, 1>(__VA_ARGS__); return kOk;          \
+    case 16 + 2: fn<2, 2>(__VA_ARGS__); return kOk;          \
+    case 16 + 4: fn<2, 4>(__VA_ARGS__); return kOk;          \
+    default: return kUnsupportedSize;                        \
   }
 
 }  // namespace
 
 extern "C" {
 
-int titans_mlp_supported(int64_t d, int64_t h) {
-  return d % V == 0 && h % V == 0 && (d == 16 || d == 32) && (h == 16 || h == 32 || h == 64);
-}
-
 // out (S, R, d) = M(q) for q (S, R, d); with a and s given (S, R, h), also the pre-activation
 // and the activation the backward pass needs; rows split over up to `threads` threads when there
-// are enough of them. Returns 0 for an unsupported width.
+// are enough of them.
 int titans_mlp_forward(const float* q, const float* flat, int64_t S, int64_t R, int64_t d,
                        int64_t h, float* out, float* a, float* s, int threads) {
-  if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(forward_slots, d, h, q, flat, S, R, out, a, s, threads < 1 ? 1 : threads)
+  if (S < 0 || R < 0) return kUnsupportedSize;
+  return guarded([&] {
+    TITANS_DISPATCH(forward_slots, d, h, q, flat, S, R, out, a, s, threads < 1 ? 1 : threads)
+  });
 }
 
 // Given g = d loss / d out (S, R, d) and the forward's a, s: gq (S, R, d) when given, and the
-// gradient of the flat weights, gflat (S, n), when given. Returns 0 for an unsupported width.
+// gradient of the flat weights, gflat (S, n), when given.
 int titans_mlp_backward(const float* q, const float* flat, const float* a, const float* s,
                         const float* g, int64_t S, int64_t R, int64_t d, int64_t h, float* gq,
                         float* gflat) {
-  if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(backward_slots, d, h, q, flat, a, s, g, S, R, gq, gflat)
+  if (S < 0 || R < 0) return kUnsupportedSize;
+  return guarded([&] { TITANS_DISPATCH(backward_slots, d, h, q, flat, a, s, g, S, R, gq, gflat) });
 }
 
 // surprise (S) = sum_features mean_rows (M(q) - values)^2 per slot, for q and values (S, R, d),
 // and its gradient with respect to the flat weights, gflat (S, n); from 512 rows on, on up to
-// `threads` threads. Returns 0 for an unsupported width.
+// `threads` threads. R must be at least 1 (a mean over rows).
 int titans_mlp_recall(const float* q, const float* values, const float* flat, int64_t S,
                       int64_t R, int64_t d, int64_t h, float* surprise, float* gflat,
                       int threads) {
-  if (!titans_mlp_supported(d, h)) return 0;
-  TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
-                  threads < 1 ? 1 : threads)
-}
-
-// out (S, R, d) = M(normalize(x W^T + b)) (silu before M if then_silu) for rows x (S, R, 16):
-// the MAC layer's query and retrieval in one pass, W (16, 16) as nn.Linear keeps it. Returns 0
-// for an unsupported width (d must be 16).
-int titans_mlp_query_forward(const float* x, const float* w, const float* b, int then_silu,
-                             const float* flat, int64_t S, int64_t R, int64_t d, int64_t h,
-                             float* out, int threads) {
-  if (d != V || !titans_mlp_supported(d, h)) return 0;
-  float wt[V * V];  // W^T: row k holds the weights of input k
-  for (int o = 0; o < V; ++o)
-    for (int k = 0; k < V; ++k) wt[k * V + o] = w[o * V + k];
-  const int T = threads < 1 ? 1 : threads;
-  switch (h / V) {
-    case 1: query_forward_slots<1, 1>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
-    case 2: query_forward_slots<1, 2>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
-    case 4: query_forward_slots<1, 4>(x, wt, b, then_silu, flat, S, R, out, T); return 1;
-    default: return 0;
-  }
-}
-
-// The built-in Titans update of S slots from layer outputs x (S, R, 16) with key and value
-// projections K, V (16, 16), flat weights and momentum (S, n): surprise (S), grads, the new
-// weights and momentum (S, n). Returns 0 for an unsupported width (d must be 16).
-int titans_update(const float* x, const float* key_w, const float* value_w, const float* flat,
-                  const float* momentum, float alpha, float eta, float theta, int64_t S,
-                  int64_t R, int64_t d, int64_t h, float* surprise, float* grads, float* fresh,
-                  float* fresh_momentum, int threads) {
-  if (d != V || !titans_mlp_supported(d, h)) return 0;
-  float kt[V * V], vt[V * V];  // K^T, V^T
-  for (int o = 0; o < V; ++o)
-    for (int k = 0; k < V; ++k)
-      kt[k * V + o] = key_w[o * V + k], vt[k * V + o] = value_w[o * V + k];
-  const int T = threads < 1 ? 1 : threads;
-  switch (h / V) {
-    case 1: titans_update_slots<1, 1>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
-                                      surprise, grads, fresh, fresh_momentum, T); return 1;
-    case 2: titans_update_slots<1, 2>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
-                                      surprise, grads, fresh, fresh_momentum, T); return 1;
-    case 4: titans_update_slots<1, 4>(x, kt, vt, flat, momentum, alpha, eta, theta, S, R,
-                                      surprise, grads, fresh, fresh_momentum, T); return 1;
-    default: return 0;
-  }
+  if (S < 0 || R < 1) return kUnsupportedSize;
+  return guarded([&] {
+    TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
+                    threads < 1 ? 1 : threads)
+  });
 }
 
 // The harness's check of one update: ok[i] = 1 when slot i's surprise (one value), gradient and
 // new weights (n each) are all finite; weights[i] = new[i] where ok, else old[i]; updates += 1,
 // skipped += the number of slots not ok.
-void titans_memory_commit(const float* surprise, const float* grads, const float* fresh,
-                          const float* old, int64_t S, int64_t n, float* weights, bool* ok,
-                          int64_t* updates, int64_t* skipped) {
+int titans_memory_commit(const float* surprise, const float* grads, const float* fresh,
+                         const float* old, int64_t S, int64_t n, float* weights, bool* ok,
+                         int64_t* updates, int64_t* skipped) {
+  if (S < 0 || n < 0) return kUnsupportedSize;
   for (int64_t i = 0; i < S; ++i) {
     float zero = surprise[i] * 0.0f;  // 0 for finite x, NaN for inf and NaN
     for (int64_t e = 0; e < n; ++e) zero += grads[i * n + e] * 0.0f + fresh[i * n + e] * 0.0f;
@@ -415,6 +323,7 @@ void titans_memory_commit(const float* surprise, const float* grads, const float
     *skipped += !ok[i];
   }
   *updates += 1;
+  return kOk;
 }
 
 }  // extern "C"

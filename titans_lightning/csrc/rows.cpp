@@ -13,6 +13,7 @@
 
 #include <cmath>
 
+#include "status.h"
 #include "vector.h"
 
 namespace {
@@ -27,9 +28,10 @@ extern "C" {
 // out (M, D) = LayerNorm(x + r) with weight w and bias b (r may be null: LayerNorm(x)); with
 // proj_w (D, D) and proj_b (D) given, r is first projected: LayerNorm(x + r proj_w^T + proj_b)
 // (the encoder layer's attention output projection and post-norm, in one pass).
-void titans_layer_norm_forward(const float* x, const float* r, const float* w, const float* b,
-                               int64_t M, float eps, float* out, int threads,
-                               const float* proj_w, const float* proj_b) {
+int titans_layer_norm_forward(const float* x, const float* r, const float* w, const float* b,
+                              int64_t M, float eps, float* out, int threads,
+                              const float* proj_w, const float* proj_b) {
+  if (M < 0) return kUnsupportedSize;
   const vf wv = load(w), bv = load(b);
   float pt[D * D];  // proj_w^T: row k holds the weights of input k
   if (proj_w)
@@ -50,14 +52,16 @@ void titans_layer_norm_forward(const float* x, const float* r, const float* w, c
     }
     store(out + i * D, layer_norm(s, wv, bv, eps));
   }
+  return kOk;
 }
 
 // From g = d loss / d out: gx (M, D), which is also the gradient of r, and gw, gb (D).
 // Rows split over up to `threads` threads from SPLIT rows on; their partial sums of gw and gb
 // are added in thread order, so the result does not depend on which thread finished first.
-void titans_layer_norm_backward(const float* x, const float* r, const float* w, const float* g,
-                                int64_t M, float eps, float* gx, float* gw, float* gb,
-                                int threads) {
+int titans_layer_norm_backward(const float* x, const float* r, const float* w, const float* g,
+                               int64_t M, float eps, float* gx, float* gw, float* gb,
+                               int threads) {
+  if (M < 0) return kUnsupportedSize;
   constexpr int MAX_THREADS = 64;
   const int T = M >= SPLIT ? (threads < 1 ? 1 : (threads > MAX_THREADS ? MAX_THREADS : threads))
                            : 1;
@@ -89,22 +93,26 @@ void titans_layer_norm_backward(const float* x, const float* r, const float* w, 
   for (int t = 0; t < T; ++t) gw_sum += gw_part[t], gb_sum += gb_part[t];
   store(gw, gw_sum);
   store(gb, gb_sum);
+  return kOk;
 }
 
 // out (M, D) = normalize(x W^T + b), then silu if asked (W (D, D) as nn.Linear keeps it).
-void titans_query_forward(const float* x, const float* w, const float* b, int64_t M,
-                          int then_silu, float* out, int threads) {
+int titans_query_forward(const float* x, const float* w, const float* b, int64_t M,
+                         int then_silu, float* out, int threads) {
+  if (M < 0) return kUnsupportedSize;
   float wt[D * D];  // W^T: row k holds the weights of input k
   for (int o = 0; o < D; ++o)
     for (int k = 0; k < D; ++k) wt[k * D + o] = w[o * D + k];
   const vf bv = load(b);
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i) store(out + i * D, query_row(x + i * D, wt, bv, then_silu));
+  return kOk;
 }
 
 // keys (M, D) = normalize(silu(x K^T)), values (M, D) = silu(x V^T), for K, V (D, D).
-void titans_keys_values_forward(const float* x, const float* key_w, const float* value_w,
-                                int64_t M, float* keys, float* values, int threads) {
+int titans_keys_values_forward(const float* x, const float* key_w, const float* value_w,
+                               int64_t M, float* keys, float* values, int threads) {
+  if (M < 0) return kUnsupportedSize;
   float kt[D * D], vt[D * D];  // K^T, V^T: row k holds the weights of input k
   for (int o = 0; o < D; ++o)
     for (int k = 0; k < D; ++k)
@@ -112,6 +120,7 @@ void titans_keys_values_forward(const float* x, const float* key_w, const float*
 #pragma omp parallel for num_threads(threads < 1 ? 1 : threads) schedule(static) if (M >= SPLIT)
   for (int64_t i = 0; i < M; ++i)
     key_value_row(x + i * D, kt, vt, keys + i * D, values + i * D);
+  return kOk;
 }
 
 }  // extern "C"

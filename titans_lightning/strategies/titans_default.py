@@ -12,10 +12,9 @@ K and V are fixed Linear(d, d, bias=False) maps, Xavier-uniform initialised. Opt
 step size (0.01) — the benchmark model's values.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import fused
+from .. import kernels
 
 DEFAULTS = {"alpha": 0.999, "eta": 0.9, "theta": 0.01}
 
@@ -34,11 +33,8 @@ def init_memory_state(memory, emb_dim):
 
 
 def compute_keys_values(memory, x):
-    if fused.supports_keys_values(x, memory.state["key_proj"], memory.state["value_proj"]):
-        return fused.keys_values(x, memory.state["key_proj"], memory.state["value_proj"])
-    kv = F.silu(x @ torch.cat([memory.state["key_proj"], memory.state["value_proj"]]).T)
-    keys, values = kv.split(memory.state["key_proj"].shape[0], dim=-1)  # one product for both
-    return F.normalize(keys, dim=-1), values
+    # normalize(silu(x K^T)), silu(x V^T), each (S, R, d)
+    return kernels.keys_values(x, memory.state["key_proj"], memory.state["value_proj"])
 
 
 def compute_surprise(memory, keys, values):
@@ -51,17 +47,3 @@ def apply_update(memory, grads, surprise):
     memory.state["momentum"] = momentum
     return memory.unflatten(alpha * memory.fast_weights + momentum)  # Eq. 14
 
-
-def fused_update(memory, x):
-    """The three functions above in one kernel call, where the kernels can take the update (the
-    harness then skips them); None where they cannot, and the harness calls them instead."""
-    K, V, momentum = (memory.state[n] for n in ("key_proj", "value_proj", "momentum"))
-    flat = memory.fast_weights
-    if memory.num_layers != 2 or not fused.supports_titans_update(x, K, V, flat, momentum,
-                                                                   memory.hidden):
-        return None
-    alpha, eta, theta = (memory.options.get(k, v) for k, v in DEFAULTS.items())
-    surprise, grads, weights, momentum = fused.titans_update(x, K, V, flat, momentum, alpha, eta,
-                                                             theta, memory.hidden)
-    memory.state["momentum"] = momentum
-    return surprise, grads, weights

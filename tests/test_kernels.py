@@ -1,4 +1,5 @@
-"""The fused CPU feed-forward computes linear2(dropout(silu(linear1(x)))) and its gradients."""
+"""The CPU kernels compute what their PyTorch implementation (the specification) computes, to
+float rounding, forward and backward, and the layers and the memory run on them."""
 import math
 import platform
 import warnings
@@ -8,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from titans_lightning import encoder as enc
-from titans_lightning import fused
+from titans_lightning import kernels
+from titans_lightning.kernels import build, cpu, reference
 
-pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C++ compiler for the kernel")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
 
 def weights(f=64, seed=0):
@@ -33,8 +35,8 @@ def test_forward_and_backward_equal_the_explicit_mask(rows, p):
     x = torch.randn(rows, 16, requires_grad=True)
     params = weights(f=96)
     seed = 12345 + rows
-    out = fused._FusedFeedForward.apply(x, *params, p, seed)
-    keep = fused.keep_mask(seed, p, rows, 96) if p > 0 else torch.ones(rows, 96, dtype=torch.bool)
+    out = cpu._FeedForward.apply(x, *params, p, seed)
+    keep = cpu.keep_mask(seed, p, rows, 96) if p > 0 else torch.ones(rows, 96, dtype=torch.bool)
     ref = explicit(x, *params, keep, p)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn(rows, 16)
@@ -46,7 +48,7 @@ def test_forward_and_backward_equal_the_explicit_mask(rows, p):
 
 def test_keep_mask_is_a_bernoulli_process():
     p, rows, f = 0.1, 2000, 2048
-    keep = fused.keep_mask(7, p, rows, f)
+    keep = cpu.keep_mask(7, p, rows, f)
     n = keep.numel()
     dropped = (~keep).double()
     rate = dropped.mean().item()
@@ -63,21 +65,21 @@ def test_keep_mask_is_a_bernoulli_process():
 
 
 def test_keep_mask_follows_the_seed():
-    a, b = fused.keep_mask(1, 0.3, 40, 64), fused.keep_mask(1, 0.3, 40, 64)
-    c = fused.keep_mask(2, 0.3, 40, 64)
+    a, b = cpu.keep_mask(1, 0.3, 40, 64), cpu.keep_mask(1, 0.3, 40, 64)
+    c = cpu.keep_mask(2, 0.3, 40, 64)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[1])  # rows draw differently
-    assert fused.keep_mask(3, 0.0, 10, 32).all()
+    assert cpu.keep_mask(3, 0.0, 10, 32).all()
 
 
 def test_dropout_draws_from_the_torch_generator():
     x = torch.randn(30, 16)
     params = weights()
     torch.manual_seed(5)
-    a = fused.feed_forward(x, *params, 0.2)
-    b = fused.feed_forward(x, *params, 0.2)
+    a = cpu.feed_forward(x, *params, 0.2)
+    b = cpu.feed_forward(x, *params, 0.2)
     torch.manual_seed(5)
-    assert torch.equal(fused.feed_forward(x, *params, 0.2), a) and not torch.equal(a, b)
+    assert torch.equal(cpu.feed_forward(x, *params, 0.2), a) and not torch.equal(a, b)
 
 
 def test_same_result_on_one_and_two_threads():
@@ -88,7 +90,7 @@ def test_same_result_on_one_and_two_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out = fused._FusedFeedForward.apply(x, *params, 0.1, 99)
+            out = cpu._FeedForward.apply(x, *params, 0.1, 99)
             results.append((out, torch.autograd.grad(out.sum(), [x, *params])))
     finally:
         torch.set_num_threads(before)
@@ -105,7 +107,7 @@ def test_silu_is_accurate_to_a_few_ulp_over_the_float_range():
     x[:, 0] = v
     w1, w2 = torch.zeros(16, 16), torch.eye(16)
     w1[:, 0] = 1.0
-    out = fused.feed_forward(x, w1, torch.zeros(16), w2, torch.zeros(16), 0.0)
+    out = cpu.feed_forward(x, w1, torch.zeros(16), w2, torch.zeros(16), 0.0)
     ref = F.silu(v.double())
     tiny = ref.abs() > 1e-30  # below that, units in the last place are subnormal
     ulp = torch.nextafter(ref.float().abs(), torch.tensor(math.inf)).double() - ref.float().abs()
@@ -116,9 +118,26 @@ def test_non_finite_input_stays_in_its_row():
     x = torch.randn(20, 16)
     x[3, 5] = float("nan")
     x[7, 0] = float("inf")
-    out = fused.feed_forward(x, *weights(), 0.0)
+    out = cpu.feed_forward(x, *weights(), 0.0)
     bad = ~torch.isfinite(out).all(1)
     assert bad[3] and bad.sum() <= 2 and torch.isfinite(out[[0, 1, 2, 4, 5, 6]]).all()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Which CPU kernels ran: {name: calls}."""
+    calls = {}
+    for name in ("attention", "add_layer_norm", "project_add_layer_norm", "feed_forward",
+                 "feed_forward_add_norm", "dropout", "mac_query", "keys_values",
+                 "memory_forward", "memory_backward", "recall_error", "commit_update"):
+        real = getattr(cpu, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cpu, name, counted)
+    return calls
 
 
 def layer_pair(scaled_norms=False):
@@ -135,11 +154,11 @@ def layer_pair(scaled_norms=False):
     return ref.eval(), mine.eval()
 
 
-def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
+def test_encoder_layer_uses_the_kernels_and_equals_the_library_layer(kernel_calls):
     ref, mine = layer_pair()
     x = torch.randn(6, 20, 16, requires_grad=True)
-    assert fused.supports_feed_forward(x, 256)
     a, b = ref(x), mine(x)
+    assert kernel_calls == {"attention": 1, "add_layer_norm": 2, "feed_forward": 1}
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(a)
     ga = torch.autograd.grad(a, [x, *ref.parameters()], g)
@@ -148,28 +167,32 @@ def test_encoder_layer_uses_the_kernel_and_equals_the_library_layer():
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
 
 
-def test_encoder_layer_without_grad_takes_the_fused_path_and_equals_the_library_layer():
+def test_encoder_layer_without_grad_is_three_kernel_calls_and_equals_the_library_layer(
+        kernel_calls):
     ref, mine = layer_pair(scaled_norms=True)
     x = torch.randn(6, 20, 16) * 3
     with torch.no_grad():
-        assert mine._fused_without_grad(x)
         torch.testing.assert_close(mine(x), ref(x), rtol=1e-5, atol=1e-5)
-        mine.train()  # dropout on: the general path
-        assert not mine._fused_without_grad(x)
-    assert not mine.eval()._fused_without_grad(x)  # with a gradient: the general path
+        # the norms folded into the output projection and into the feed-forward
+        assert kernel_calls == {"attention": 1, "project_add_layer_norm": 1,
+                                "feed_forward_add_norm": 1}
+        kernel_calls.clear()
+        mine.train()(x)  # dropout on: the residual dropouts and norms are calls of their own
+        assert kernel_calls == {"attention": 1, "dropout": 2, "add_layer_norm": 2,
+                                "feed_forward": 1}
 
 
-def test_fused_residual_norms_equal_their_operators():
+def test_single_pass_residual_norms_equal_their_operators():
     torch.manual_seed(0)
     x, r = torch.randn(300, 16), torch.randn(300, 16)
     project, norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
     w1, b1, w2, b2 = (t.detach() for t in weights(f=64))
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
-        torch.testing.assert_close(fused.project_add_layer_norm(x, r, project, norm),
+        torch.testing.assert_close(cpu.project_add_layer_norm(x, r, project, norm),
                                    norm(x + project(r)), rtol=1e-5, atol=1e-5)
         ffn = F.linear(F.silu(F.linear(x, w1, b1)), w2, b2)
-        torch.testing.assert_close(fused.feed_forward_add_norm(x, w1, b1, w2, b2, norm),
+        torch.testing.assert_close(cpu.feed_forward_add_norm(x, w1, b1, w2, b2, norm),
                                    norm(x + ffn), rtol=1e-5, atol=1e-5)
 
 
@@ -184,7 +207,8 @@ def test_model_under_cpu_autocast_runs_on_the_library_operators():
         for memory in model.memories:  # the second pass starts from the same memory
             memory.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused.supports_feed_forward(torch.randn(3, 16), 32)
+            assert kernels.why_not("mac_query", torch.randn(3, 16), model.layers[0].query,
+                                   False) == ["CPU autocast is on"]
             got = model(x)[0]
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
@@ -195,29 +219,30 @@ def test_recall_error_of_values_the_kernel_cannot_take_uses_the_operators():
     torch.manual_seed(0)
     memory = NeuralMemory(16, 32)
     keys = torch.randn(1, 50, 16)
-    for values in (torch.randn(1, 50, 1), torch.randn(1, 50, 16, dtype=torch.float64)):
-        assert not fused.supports_recall(keys, values, memory.fast_weights, 32)
+    for values, reason in ((torch.randn(1, 50, 1), "values (1, 50, 1) of another shape"),
+                           (torch.randn(1, 50, 16, dtype=torch.float64), "float64 tensor")):
+        assert any(r.startswith(reason) for r in kernels.why_not(
+            "recall_error", keys, values, memory.fast_weights))
         want = (memory.retrieve(keys) - values).pow(2).sum((1, 2)) / 50
         torch.testing.assert_close(memory.recall_error(keys, values), want)
-    with pytest.raises(TypeError, match="float32 CPU tensors"):
-        fused.memory_recall(keys, keys.double(), memory.fast_weights, 32)
+    with pytest.raises(TypeError, match="float32 CPU tensors"):  # the kernel's own guard
+        cpu.memory_recall(keys, keys.double(), memory.fast_weights, 32)
 
 
 def test_dropout_kernel_applies_the_reported_mask_forward_and_backward():
     torch.manual_seed(0)
     x = torch.randn(4000, 16, requires_grad=True)
     torch.manual_seed(5)
-    out = fused.dropout(x, 0.25)
+    out = cpu.dropout(x, 0.25)
     torch.manual_seed(5)
-    seed = fused._dropout_seed(0.25)  # the seed the call above drew
-    keep = fused.keep_mask(seed, 0.25, 4000, 16)
+    seed = cpu.dropout_seed(0.25)  # the seed the call above drew
+    keep = cpu.keep_mask(seed, 0.25, 4000, 16)
     torch.testing.assert_close(out, x.detach() * keep / 0.75)
     g = torch.randn_like(x)
     (gx,) = torch.autograd.grad(out, x, g)
     torch.testing.assert_close(gx, g * keep / 0.75)
     rate = 1.0 - keep.float().mean().item()
     assert abs(rate - 0.25) < 5 * math.sqrt(0.25 * 0.75 / keep.numel())
-    assert not fused.supports_dropout(torch.randn(3, 5))  # not rows of 16
 
 
 def test_training_layer_drops_at_rate_p_in_the_feed_forward():
@@ -227,8 +252,8 @@ def test_training_layer_drops_at_rate_p_in_the_feed_forward():
     x = torch.randn(4000, 16)
     params = (layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
     with torch.no_grad():
-        dense = fused.feed_forward(x, *params, 0.0)
-        runs = torch.stack([fused.feed_forward(x, *params, 0.1) for _ in range(20)])
+        dense = cpu.feed_forward(x, *params, 0.0)
+        runs = torch.stack([cpu.feed_forward(x, *params, 0.1) for _ in range(20)])
     assert not torch.equal(runs[0], runs[1])
     # inverted dropout keeps the mean: the average over draws approaches the dense output
     err = (runs.mean(0) - dense).abs().mean() / dense.abs().mean()
@@ -236,45 +261,24 @@ def test_training_layer_drops_at_rate_p_in_the_feed_forward():
     assert err < single / 3
 
 
-def test_unavailable_kernel_falls_back_to_the_pytorch_path(monkeypatch, tmp_path):
-    fused.library.cache_clear()
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("TITANS_LIGHTNING_CACHE", str(tmp_path))
-    try:
-        with pytest.warns(RuntimeWarning, match="fused CPU feed-forward is unavailable"):
-            assert fused.library() is None
-        layer = enc.EncoderLayer(16, 2, 64, 0.1).eval()
-        x = torch.randn(3, 5, 16)
-        assert not fused.supports_feed_forward(x, 64)
-        assert layer(x).shape == (3, 5, 16)
-        fused.library.cache_clear()
-        monkeypatch.setenv("TITANS_LIGHTNING_FUSED", "0")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert fused.library() is None
-    finally:
-        fused.library.cache_clear()
-
-
 def test_bad_dropout_probability_is_rejected():
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
-        fused.feed_forward(torch.randn(2, 16), *weights(), 1.0)
+        cpu.feed_forward(torch.randn(2, 16), *weights(), 1.0)
 
 
 @pytest.mark.parametrize("slots, rows, d, h", [(1, 1024, 16, 32), (3, 7, 16, 32), (2, 5, 32, 16)])
 def test_memory_kernel_equals_the_library_products(slots, rows, d, h):
-    from titans_lightning.memory import _two_layer, _two_layer_weights
     torch.manual_seed(slots)
     q = torch.randn(slots, rows, d, dtype=torch.float64)
     flat = torch.randn(slots, 2 * h * d + h + d, dtype=torch.float64) * 0.3
-    assert fused.supports_memory(q.float(), flat.float(), h)
-    out, a, s = fused.memory_forward(q.float(), flat.float(), h, keep=True)
+    assert kernels.why_not("memory_mlp", q.float(), flat.float()) == []
+    out, a, s = cpu.memory_forward(q.float(), flat.float(), h, keep=True)
     qr, fr = q.clone().requires_grad_(True), flat.clone().requires_grad_(True)
-    ref, ref_a, ref_s = _two_layer(qr, *_two_layer_weights(fr, d))
+    ref, ref_a, ref_s = reference.two_layer(qr, *reference.two_layer_weights(fr, d))
     for got, want in [(out, ref), (a, ref_a), (s, ref_s)]:
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
-    gq, gflat = fused.memory_backward(q.float(), flat.float(), a, s, g.float(), True, True)
+    gq, gflat = cpu.memory_backward(q.float(), flat.float(), a, s, g.float(), True, True)
     want_q, want_flat = torch.autograd.grad(ref, [qr, fr], g)
     torch.testing.assert_close(gq.double(), want_q, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gflat.double(), want_flat, rtol=1e-4, atol=1e-4)
@@ -282,13 +286,15 @@ def test_memory_kernel_equals_the_library_products(slots, rows, d, h):
 
 def test_memory_uses_the_kernel_only_where_it_applies():
     q = torch.randn(1, 4, 16)
-    assert fused.supports_memory(q, torch.zeros(1, 2 * 32 * 16 + 48), 32)
-    assert not fused.supports_memory(q, torch.zeros(1, 2 * 24 * 16 + 40), 24)  # h not 16k
-    assert not fused.supports_memory(q.double(), torch.zeros(1, 1072).double(), 32)
+    assert kernels.why_not("memory_mlp", q, torch.zeros(1, 2 * 32 * 16 + 48)) == []
+    assert kernels.why_not("memory_mlp", q, torch.zeros(1, 2 * 24 * 16 + 40)) == [
+        "hidden width 24 not among the kernel's (16, 32, 64)"]
+    assert kernels.why_not("memory_mlp", q.double(), torch.zeros(1, 1072).double()) == [
+        "float64 tensor"]
 
 
 def test_neural_memory_update_is_the_same_with_and_without_the_kernel(monkeypatch):
-    """A float32 update through the kernel equals one through the library's products."""
+    """A float32 update through the kernels equals one through the library's operators."""
     from titans_lightning.memory import NeuralMemory
     torch.manual_seed(0)
     a = NeuralMemory(16, 32, 2, "titans_default")
@@ -298,7 +304,7 @@ def test_neural_memory_update_is_the_same_with_and_without_the_kernel(monkeypatc
     q = torch.randn(1, 50, 16, requires_grad=True)
     for _ in range(3):
         a.update(x)
-    monkeypatch.setattr(fused, "supports_memory", lambda *args: False)
+    monkeypatch.setenv(build.SWITCH, "0")  # every operation on PyTorch's
     for _ in range(3):
         b.update(x)
     torch.testing.assert_close(a.fast_weights, b.fast_weights, rtol=1e-5, atol=1e-6)
@@ -313,10 +319,10 @@ def test_recall_kernel_gives_the_surprise_and_its_gradient(slots, rows, d, h):
     torch.manual_seed(rows)
     keys, values = torch.randn(slots, rows, d), torch.randn(slots, rows, d)
     flat = torch.randn(slots, 2 * h * d + h + d) * 0.3
-    surprise, gflat = fused.memory_recall(keys, values, flat, h)
-    from titans_lightning.memory import _two_layer, _two_layer_weights
+    surprise, gflat = cpu.memory_recall(keys, values, flat, h)
     fr = flat.double().requires_grad_(True)
-    ref = (_two_layer(keys.double(), *_two_layer_weights(fr, d))[0] - values.double())
+    ref = (reference.two_layer(keys.double(), *reference.two_layer_weights(fr, d))[0]
+           - values.double())
     ref = ref.pow(2).sum((1, 2)) / rows
     torch.testing.assert_close(surprise.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     weights = torch.arange(1.0, slots + 1, dtype=torch.float64)  # slot i's loss weighted i + 1
@@ -332,77 +338,36 @@ def test_recall_kernel_gives_the_same_bits_on_one_and_two_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(fused.memory_recall(keys, values, flat * 0.3, 32))
+            results.append(cpu.memory_recall(keys, values, flat * 0.3, 32))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.parametrize("slots, rows", [(1, 1024), (3, 300)])  # split over threads, and not
-def test_fused_titans_update_equals_the_four_functions(slots, rows, monkeypatch):
+def test_a_strategys_fused_update_is_no_part_of_the_contract(tmp_path):
+    """The harness calls the four functions only: a rule's fused_update, even one defined next to
+    its three functions, is never called."""
     from titans_lightning.memory import NeuralMemory
-    from titans_lightning.strategies import titans_default
-    torch.manual_seed(slots)
-    fast = NeuralMemory(16, 32, 2, "titans_default", {"alpha": 0.99, "eta": 0.8, "theta": 0.05})
-    slow = NeuralMemory(16, 32, 2, "titans_default", {"alpha": 0.99, "eta": 0.8, "theta": 0.05})
-    slow.load_state_dict(fast.state_dict())
-    for memory in (fast, slow):
-        memory.start_sequences(slots) if slots > 1 else None
-    chunks = [torch.randn(slots, rows, 16) for _ in range(4)]
-    chunks[2][-1, 7, 3] = float("nan")  # the last slot's update is skipped, the others go on
-    made = []  # whether the kernel made each update
-    real = titans_default.fused_update
-
-    def spy(memory, x):
-        result = real(memory, x)
-        made.append(result is not None)
-        return result
-
-    spy.__module__ = real.__module__  # it stands for titans_default's three functions
-    monkeypatch.setattr(titans_default, "fused_update", spy)
-    for x in chunks:
-        fast.update(x)
-    assert made == [True] * 4
-    monkeypatch.setattr(titans_default, "fused_update", lambda memory, x: None)
-    for x in chunks:
-        slow.update(x)
-    torch.testing.assert_close(fast.fast_weights, slow.fast_weights, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast.state["momentum"], slow.state["momentum"], rtol=1e-5,
-                               atol=1e-6)
-    assert int(fast.skipped_updates) == int(slow.skipped_updates) == 1
-    a, b = fast.pop_history(), slow.pop_history()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, equal_nan=True)
-
-
-def test_fused_titans_update_steps_aside_where_it_does_not_apply():
-    from titans_lightning.memory import NeuralMemory
-    from titans_lightning.strategies import titans_default
-    memory = NeuralMemory(16, 32, 2, "titans_default")
-    assert titans_default.fused_update(memory, torch.randn(1, 50, 16)) is not None
-    assert titans_default.fused_update(memory, torch.randn(1, 50, 16).double()) is None
-    assert titans_default.fused_update(NeuralMemory(16, 32, 1, "titans_default"),
-                                       torch.randn(1, 50, 16)) is None  # one-layer memory
-    memory.reduce = lambda surprise, grads, rows: (surprise, grads)  # DDP: the four functions
-    assert memory._fused_update(torch.randn(1, 50, 16)) is None
-
-
-def test_a_rule_that_borrows_fused_update_but_replaces_a_function_does_not_take_it(tmp_path):
-    """A module that imports titans_default's fused_update and writes its own apply_update must
-    get its own apply_update."""
-    from titans_lightning.memory import NeuralMemory
-    rule = tmp_path / "half_step.py"
+    rule = tmp_path / "with_fused_update.py"
     rule.write_text(
-        "from titans_lightning.strategies.titans_default import (\n"
-        "    compute_keys_values, compute_surprise, fused_update, init_memory_state)\n\n\n"
+        "from titans_lightning.strategies import titans_default as base\n\n"
+        "init_memory_state = base.init_memory_state\n\n\n"
+        "def compute_keys_values(memory, x):\n"
+        "    return base.compute_keys_values(memory, x)\n\n\n"
+        "def compute_surprise(memory, keys, values):\n"
+        "    return base.compute_surprise(memory, keys, values)\n\n\n"
         "def apply_update(memory, grads, surprise):\n"
-        "    return memory.unflatten(memory.fast_weights - 0.5 * memory.flatten(grads))\n")
+        "    return base.apply_update(memory, grads, surprise)\n\n\n"
+        "def fused_update(memory, x):\n"
+        "    raise AssertionError('fused_update was called')\n")
+    torch.manual_seed(0)
     memory = NeuralMemory(16, 32, 2, str(rule))
-    assert memory._fused_update(torch.randn(1, 50, 16)) is None
-    before = memory.fast_weights.clone()
-    memory.update(torch.randn(1, 50, 16))
-    grads = memory.history[-1]["grads"]
-    torch.testing.assert_close(memory.fast_weights, before - 0.5 * grads)
+    torch.manual_seed(0)
+    default = NeuralMemory(16, 32, 2, "titans_default")
+    x = torch.randn(1, 50, 16)
+    memory.update(x)
+    default.update(x)
+    assert torch.equal(memory.fast_weights, default.fast_weights)
 
 
 class _ScaledSurprise:
@@ -445,7 +410,6 @@ def test_update_takes_the_recall_gradient_only_for_the_surprise_it_belongs_to(mo
 
 
 def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
-    from titans_lightning.memory import _all_finite
     torch.manual_seed(0)
     S, n = 6, 1072
     surprise, grads = torch.rand(S), torch.randn(S, n)
@@ -455,13 +419,15 @@ def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
     new[3, n - 1] = -float("inf")
     new[4] = 3e38  # finite, though a sum of the entries would overflow
     updates, skipped = torch.tensor(5), torch.tensor(2)
-    assert fused.supports_commit(surprise, grads, new, old)
-    ok, weights = fused.commit_update(surprise, grads, new, old, updates, skipped)
-    want = _all_finite(surprise[:, None], grads, new)
+    assert kernels.why_not("commit_update", surprise, grads, new, old, updates, skipped) == []
+    ok, weights = cpu.commit_update(surprise, grads, new, old, updates, skipped)
+    want = kernels.all_finite(surprise[:, None], grads, new)
     assert ok.tolist() == want.tolist() == [True, False, False, False, True, True]
     assert torch.equal(weights, torch.where(want[:, None], new, old))
     assert int(updates) == 6 and int(skipped) == 5
-    assert not fused.supports_commit(surprise, grads, new.requires_grad_(True), old)
+    assert kernels.why_not("commit_update", surprise, grads, new.requires_grad_(True), old,
+                           updates, skipped) == ["a gradient is needed (the kernel has no "
+                                                 "backward pass)"]
 
 
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])
@@ -472,22 +438,22 @@ def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):
     q, k, v = (torch.randn(windows, L, e, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     seed = 1000 + L
-    out = fused._Attention.apply(torch.cat([q, k, v], -1).float(), 1, p, seed)  # one head
-    keep = (fused.keep_mask(seed, p, windows * L, L).view(windows, L, L) if p > 0
+    out = cpu._Attention.apply(torch.cat([q, k, v], -1).float(), 1, p, seed)  # one head
+    keep = (cpu.keep_mask(seed, p, windows * L, L).view(windows, L, L) if p > 0
             else torch.ones(windows, L, L, dtype=torch.bool))
     weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(e), dim=-1)
     ref = (weights * keep / (1.0 - p)) @ v
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn(windows, L, e, dtype=torch.float64)
     qkv = torch.cat([q, k, v], -1).detach().float().requires_grad_(True)
-    got = torch.autograd.grad(fused._Attention.apply(qkv, 1, p, seed), qkv, g.float())[0]
+    got = torch.autograd.grad(cpu._Attention.apply(qkv, 1, p, seed), qkv, g.float())[0]
     got = got.split(e, dim=-1)
     want = torch.autograd.grad(ref, [q, k, v], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
     if p == 0.0:  # without a gradient: the evaluation kernel (queries across the lanes for e <= 8)
         with torch.no_grad():
-            out = fused.attention(torch.cat([q, k, v], -1).float(), 1, 0.0)
+            out = cpu.attention(torch.cat([q, k, v], -1).float(), 1, 0.0)
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -497,7 +463,7 @@ def test_attention_without_grad_keeps_the_heads_apart(heads, e):
     N, L = 5, 37
     qkv = torch.randn(N, L, 3, heads, e)
     with torch.no_grad():
-        out = fused.attention(qkv.view(N, L, -1), heads, 0.0)
+        out = cpu.attention(qkv.view(N, L, -1), heads, 0.0)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, heads, L, e) each
     want = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(e), -1) @ v
     torch.testing.assert_close(out, want.transpose(1, 2).reshape(N, L, heads * e), rtol=1e-5,
@@ -506,8 +472,8 @@ def test_attention_without_grad_keeps_the_heads_apart(heads, e):
 
 def test_encoder_layer_runs_its_attention_on_the_kernel(monkeypatch):
     calls = []
-    original = fused.attention
-    monkeypatch.setattr(fused, "attention", lambda *a: calls.append(a[2]) or original(*a))
+    original = cpu.attention
+    monkeypatch.setattr(cpu, "attention", lambda *a: calls.append(a[2]) or original(*a))
     layer = enc.EncoderLayer(16, 2, 64, 0.1)
     x = torch.randn(5, 12, 16, requires_grad=True)
     out = layer(x)
@@ -527,9 +493,9 @@ def test_add_layer_norm_equals_the_library_layer_norm(windows):
         norm.weight.normal_(), norm.bias.normal_()
     x = torch.randn(windows, 36, 16, dtype=torch.float64, requires_grad=True)
     r = torch.randn(windows, 36, 16, dtype=torch.float64, requires_grad=True) * 3
-    assert fused.supports_layer_norm(x.float(), norm)
+    assert kernels.why_not("add_norm", x.float(), r.float(), norm, 0.0) == []
     xf, rf = x.detach().float().requires_grad_(True), r.detach().float().requires_grad_(True)
-    out = fused.add_layer_norm(xf, rf, norm)
+    out = cpu.add_layer_norm(xf, rf, norm)
     ref = F.layer_norm(x + r, (16,), norm.weight.double(), norm.bias.double(), norm.eps)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
@@ -540,7 +506,8 @@ def test_add_layer_norm_equals_the_library_layer_norm(windows):
     want = torch.autograd.grad(ref, [x, r, w, b], g)
     for a, bb in zip(got, want):
         torch.testing.assert_close(a.double(), bb, rtol=1e-4, atol=1e-4)
-    assert not fused.supports_layer_norm(x.float(), torch.nn.LayerNorm(8))
+    assert kernels.why_not("add_norm", x.float(), r.float(), torch.nn.LayerNorm(8), 0.0) == [
+        "a layer norm other than an affine one over 16 features"]
 
 
 @pytest.mark.parametrize("then_silu", [False, True])
@@ -551,31 +518,34 @@ def test_query_kernel_equals_linear_normalize_silu(then_silu):
     x[0, 0] = 0.0  # the query of a zero row: the bias, normalised
     with torch.no_grad():
         linear.weight[:, :] = linear.weight * 3
-        assert fused.supports_query(x, linear)
-        got = fused.query(x, linear, then_silu)
+        assert kernels.why_not("mac_query", x, linear, then_silu) == []
+        got = cpu.mac_query(x, linear, then_silu)
         want = F.normalize(linear(x), dim=-1)
         want = F.silu(want) if then_silu else want
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not fused.supports_query(x, linear)  # with a gradient: the library's operators
+    assert kernels.why_not("mac_query", x, linear, then_silu) == [  # with a gradient
+        "a gradient is needed (the kernel has no backward pass)"]
 
 
 @pytest.mark.parametrize("hidden", [16, 32, 64])
 @pytest.mark.parametrize("then_silu", [False, True])
-def test_query_and_memory_in_one_call_equal_the_two_steps(hidden, then_silu):
-    from titans_lightning.model import MACLayer
+def test_mac_recall_on_the_kernels_equals_the_operators(hidden, then_silu, kernel_calls,
+                                                        monkeypatch):
     from titans_lightning.memory import NeuralMemory
+    from titans_lightning.model import MACLayer
     torch.manual_seed(hidden)
     layer = MACLayer(16, 4, 2, NeuralMemory(16, hidden), dim_feedforward=32)
     layer.memory.fast_weights = torch.randn(2, layer.memory.fast_weights.shape[1]) * 0.3
     x = torch.randn(2, 613, 16)  # two slots; rows not a multiple of the kernel's blocks
     with torch.no_grad():
-        assert fused.supports_query_memory(x, layer.query, layer.memory.fast_weights, hidden)
-        want = layer.memory.retrieve(layer.ask(x, then_silu))
-        torch.testing.assert_close(layer.recall(x, then_silu), want, rtol=1e-5, atol=1e-6)
-    assert not fused.supports_query_memory(x, layer.query, layer.memory.fast_weights, hidden)
+        got = layer.recall(x, then_silu)
+        assert kernel_calls == {"mac_query": 1, "memory_forward": 1}
+        monkeypatch.setenv(build.SWITCH, "0")
+        want = layer.recall(x, then_silu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_keys_values_kernel_equals_the_reference_formulas(monkeypatch):
+def test_keys_values_kernel_equals_the_reference_formulas():
     from titans_lightning.memory import NeuralMemory
     from titans_lightning.strategies import titans_default
     torch.manual_seed(0)
@@ -583,25 +553,25 @@ def test_keys_values_kernel_equals_the_reference_formulas(monkeypatch):
     x = torch.randn(2, 300, 16)
     x[0, 0] = 0.0  # a zero row: keys of norm 0, kept finite by F.normalize's eps
     K, V = memory.state["key_proj"], memory.state["value_proj"]
-    assert fused.supports_keys_values(x, K, V)
+    assert kernels.why_not("keys_values", x, K, V) == []
     keys, values = titans_default.compute_keys_values(memory, x)
-    monkeypatch.setattr(fused, "supports_keys_values", lambda *args: False)
-    want_keys, want_values = titans_default.compute_keys_values(memory, x)
+    want_keys, want_values = reference.keys_values(x, K, V)
     torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-6)
-    monkeypatch.undo()
     K = K.clone().requires_grad_(True)
-    assert not fused.supports_keys_values(x, K, V)  # learnable projections: autograd's operators
-    assert not fused.supports_keys_values(x.double(), K.double(), V.double())
+    assert kernels.why_not("keys_values", x, K, V) == [  # learnable projections: autograd's
+        "a gradient is needed (the kernel has no backward pass)"]
+    assert kernels.why_not("keys_values", x.double(), K.detach().double(), V.double()) == [
+        "float64 tensor"]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 compiler flag")
 def test_portable_vector_code_computes_the_same(monkeypatch):
     """The build without AVX-512 (what a machine without it compiles) matches the references."""
     monkeypatch.setenv("TITANS_LIGHTNING_CXXFLAGS", "-mno-avx512f")  # its own cache key: built
-    fused.library.cache_clear()                                        # once per machine
+    build._load.cache_clear()                                          # once per machine
     try:
-        assert fused.library() is not None
+        assert build.library() is not None
         test_forward_and_backward_equal_the_explicit_mask(13, 0.1)
         test_attention_equals_softmax_with_the_explicit_mask(3, 5, 4, 0.1)
         test_memory_kernel_equals_the_library_products(3, 7, 16, 32)
@@ -609,10 +579,9 @@ def test_portable_vector_code_computes_the_same(monkeypatch):
         test_query_kernel_equals_linear_normalize_silu(True)
         test_silu_is_accurate_to_a_few_ulp_over_the_float_range()
         test_recall_kernel_gives_the_surprise_and_its_gradient(3, 7, 16, 64)
-        test_query_and_memory_in_one_call_equal_the_two_steps(32, True)
         test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots()
         test_dropout_kernel_applies_the_reported_mask_forward_and_backward()
-        test_fused_residual_norms_equal_their_operators()
-        test_keys_values_kernel_equals_the_reference_formulas(monkeypatch)  # last: it undoes
+        test_single_pass_residual_norms_equal_their_operators()
+        test_keys_values_kernel_equals_the_reference_formulas()
     finally:
-        fused.library.cache_clear()
+        build._load.cache_clear()
