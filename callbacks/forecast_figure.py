@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .tensorboard import TensorBoardCallback
+from .tensorboard import TensorBoardCallback, epoch_step
 
 TAG = "forecast/val"
 
@@ -42,6 +42,8 @@ class ForecastFigure(TensorBoardCallback):
         max_steps: draw only the first this many time steps (None: all).
     """
 
+    MEDIA = "forecast figures"
+
     def __init__(self, sequences: Sequence[int] = (0, 1, 2), max_steps: int | None = None):
         super().__init__()
         if not sequences or min(sequences) < 0:
@@ -49,6 +51,7 @@ class ForecastFigure(TensorBoardCallback):
         if max_steps is not None and max_steps < 2:
             raise ValueError(f"max_steps must be >= 2 or None, got {max_steps}")
         self.sequences, self.max_steps = list(sequences), max_steps
+        self.enabled = False  # a TensorBoard writer and matplotlib
         self._hook: Any = None
         self._latest: tuple[Tensor, Tensor] | None = None
         self._sums: Tensor | None = None  # (k, 2, T): prediction and target, summed over copies
@@ -58,6 +61,7 @@ class ForecastFigure(TensorBoardCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.enabled = self.tensorboard
         if self.enabled and figure_class() is None:
             self.enabled = False
             self.warn_once("ForecastFigure needs matplotlib (pip install 'titans-lightning[plots]'):"
@@ -122,7 +126,7 @@ class ForecastFigure(TensorBoardCallback):
                            "(indices beyond the split, or batches limited)")
         figure = self.draw(sums.float().cpu(), counts, self._valid.cpu())
         if figure is not None:
-            self.writer(trainer).add_figure(TAG, figure, trainer.global_step)
+            self.writer(trainer).add_figure(TAG, figure, epoch_step(trainer, pl_module))
 
     def draw(self, sums: Tensor, counts: list[int], valid: Tensor) -> Any:
         """One panel per seen sequence: the target at every step, the prediction made at t

@@ -1,8 +1,6 @@
 """GateRate: how much of each memory update the strategy's gate let through, per epoch."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from .memory_statistics import MemoryStatisticsCallback, finite
@@ -18,9 +16,9 @@ class GateRate(MemoryStatisticsCallback):
 
     STATS = ("gate_rate", "skipped")
 
-    def log_layer(self, writer: Any, prefix: str, split: str, values: dict[str, Tensor],
-                  step: int) -> None:
+    def scalars(self, prefix: str, split: str, values: dict[str, Tensor]) -> dict[str, float]:
         gate_rate = finite(values["gate_rate"])  # (N,)
+        metrics = {f"{prefix}/skipped/{split}": values["skipped"].sum().item()}
         if gate_rate.numel():
-            writer.add_scalar(f"{prefix}/gate_rate/{split}", gate_rate.mean().item(), step)
-        writer.add_scalar(f"{prefix}/skipped/{split}", values["skipped"].sum().item(), step)
+            metrics[f"{prefix}/gate_rate/{split}"] = gate_rate.mean().item()
+        return metrics

@@ -1,8 +1,6 @@
 """MemoryHealth: the size of the memory's gradients, updates and fast weights, per epoch."""
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from .memory_statistics import MemoryStatisticsCallback, finite
@@ -18,10 +16,11 @@ class MemoryHealth(MemoryStatisticsCallback):
 
     STATS = ("grad_norm", "update_norm", "weight_norm")
 
-    def log_layer(self, writer: Any, prefix: str, split: str, values: dict[str, Tensor],
-                  step: int) -> None:
+    def scalars(self, prefix: str, split: str, values: dict[str, Tensor]) -> dict[str, float]:
+        metrics = {}
         for name in self.STATS:
             kept = finite(values[name])  # (N,)
             if kept.numel():
-                writer.add_scalar(f"{prefix}/{name}/{split}", kept.mean().item(), step)
-                writer.add_scalar(f"{prefix}/{name}/{split}/max", kept.max().item(), step)
+                metrics[f"{prefix}/{name}/{split}"] = kept.mean().item()
+                metrics[f"{prefix}/{name}/{split}/max"] = kept.max().item()
+        return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor
 
 from .memory_statistics import MemoryStatisticsCallback, finite
@@ -15,53 +16,62 @@ def summarize(values: Tensor) -> dict[str, float]:
             "min": values.min().item(), "max": values.max().item()}
 
 
+def batch_mean_and_max(surprise: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and max of the finite entries of one batch's (U, S) surprise, on the device (no host
+    synchronisation; NaN and -inf when none is finite)."""
+    kept = torch.isfinite(surprise)
+    mean = torch.where(kept, surprise, 0.0).sum() / kept.sum()
+    return mean, torch.where(kept, surprise, -torch.inf).amax()
+
+
 class SurpriseStatistics(MemoryStatisticsCallback):
     """Per memory layer, split and epoch: mean, std, min and max of the surprise of every update
     and slot, and their histogram. Non-finite values (skipped updates) are left out and counted.
 
     Tags: ``memory/layer{i}/surprise/{split}/{mean,std,min,max,nonfinite}`` (scalars; nonfinite
-    only when some were) and ``memory/layer{i}/surprise/{split}`` (histogram).
+    only when some were) and ``memory/layer{i}/surprise/{split}`` (histogram, TensorBoard only).
 
     Args:
-        every_n_steps: also log the mean and max surprise of the training batch every this many
-            global steps (``memory/layer{i}/surprise/train_step/{mean,max}``; rank 0's batch;
-            one host synchronisation each time). 0 turns this off.
+        on_step: also log the mean and max surprise of every training batch as step-level
+            metrics, ``memory/layer{i}/surprise/train_step/{mean,max}``, which Lightning writes
+            every ``trainer.log_every_n_steps`` steps, at the step of its own step-level metrics
+            (rank 0's batch; no host synchronisation per batch).
     """
 
     STATS = ("surprise",)
+    MEDIA = "surprise histograms"
 
-    def __init__(self, every_n_steps: int = 0):
+    def __init__(self, on_step: bool = False):
         super().__init__()
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self._last_step_logged = -1
+        self.on_step = on_step
 
-    def log_layer(self, writer: Any, prefix: str, split: str, values: dict[str, Tensor],
-                  step: int) -> None:
+    def scalars(self, prefix: str, split: str, values: dict[str, Tensor]) -> dict[str, float]:
         surprise = values["surprise"]  # (N,)
         kept = finite(surprise)
         tag = f"{prefix}/surprise/{split}"
+        metrics = {}
         if kept.numel() < surprise.numel():
-            writer.add_scalar(f"{tag}/nonfinite", surprise.numel() - kept.numel(), step)
-        if kept.numel() == 0:
-            return
-        for name, value in summarize(kept).items():
-            writer.add_scalar(f"{tag}/{name}", value, step)
-        writer.add_histogram(tag, kept, step)
+            metrics[f"{tag}/nonfinite"] = float(surprise.numel() - kept.numel())
+        if kept.numel():
+            metrics.update({f"{tag}/{name}": value for name, value in summarize(kept).items()})
+        return metrics
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        step = trainer.global_step
-        due = self.every_n_steps and step % self.every_n_steps == 0
-        if not (self.enabled and due and trainer.is_global_zero and step != self._last_step_logged):
+    def media(self, writer: Any, prefix: str, split: str, values: dict[str, Tensor],
+              step: int) -> None:
+        kept = finite(values["surprise"])
+        if kept.numel():
+            writer.add_histogram(f"{prefix}/surprise/{split}", kept, step)
+
+    def collect(self, split: str, trainer: L.Trainer, pl_module: L.LightningModule,
+                batch: Any) -> None:
+        super().collect(split, trainer, pl_module, batch)
+        if not (self.on_step and split == "train"):
             return
-        self._last_step_logged = step  # gradient accumulation ends several batches on one step
-        writer = self.writer(trainer)
+        metrics = {}
         for layer, stats in enumerate(pl_module.memory_stats):
-            kept = finite(stats["surprise"]) if stats else None
-            if kept is not None and kept.numel():
+            if stats:
+                mean, high = batch_mean_and_max(stats["surprise"].detach())
                 prefix = f"memory/layer{layer}/surprise/train_step"
-                writer.add_scalar(f"{prefix}/mean", kept.mean().item(), step)
-                writer.add_scalar(f"{prefix}/max", kept.max().item(), step)
+                metrics.update({f"{prefix}/mean": mean, f"{prefix}/max": high})
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -13,6 +13,7 @@ losses, best validation MSE, time per epoch and ETA).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -31,6 +32,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import (ArgsType, LightningArgumentParser, LightningCLI,
                                    SaveConfigCallback)
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -112,6 +114,8 @@ class TitansCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        for logger in self.trainer.loggers:  # loggers sharing a folder: one free version_N,
+            _ = logger.version                # resolved before any of them writes there
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
@@ -137,6 +141,7 @@ class TitansCLI(LightningCLI):
             raise ValueError(
                 f"--model.lr {config.model.lr} would be ignored: --optimizer replaces the "
                 "module's Adam; give the learning rate as --optimizer.lr instead")
+        share_run_folder(config)
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
 
@@ -330,6 +335,37 @@ def logger_save_dirs(config: Any) -> list[str]:
                                                      else [loggers])
             if getattr(logger, "init_args", None) is not None
             and getattr(logger.init_args, "save_dir", None) is not None]
+
+
+FOLDER_LOGGERS = (TensorBoardLogger, CSVLogger)  # those writing into save_dir/name/version
+
+
+def share_run_folder(config: Any) -> None:
+    """Give every TensorBoard and CSV logger of a parsed config the ``save_dir``, ``name`` and
+    ``version`` of the last one, so that they write one run folder.
+
+    ``--trainer.logger.init_args.save_dir DIR`` (and ``name``, ``version``) sets these for the
+    last logger of a list only; the others follow it.
+    """
+    loggers = config.trainer.logger
+    if not isinstance(loggers, list):
+        return
+    sharing = [logger for logger in loggers if writes_run_folder(logger)]
+    for logger in sharing[:-1]:
+        for key in ("save_dir", "name", "version"):
+            logger.init_args[key] = sharing[-1].init_args.get(key)
+
+
+def writes_run_folder(logger: Any) -> bool:
+    class_path = getattr(logger, "class_path", None)
+    if not isinstance(class_path, str) or getattr(logger, "init_args", None) is None:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, FOLDER_LOGGERS)
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:

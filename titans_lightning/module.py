@@ -135,6 +135,8 @@ class TitansForecaster(L.LightningModule):
         self.earlier_fit_wall_s = 0.0
         self._first_nonfinite_step: Tensor | None = None  # see note_nonfinite
         self._attempt_started = time.perf_counter()
+        # (global step, epoch) of the checkpoint being scored, outside a fit; see epoch_step
+        self.scored_checkpoint: tuple[int, int] | None = None
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(inputs)
@@ -257,9 +259,11 @@ class TitansForecaster(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._attempt_started = time.perf_counter()
+        self.scored_checkpoint = None  # a fit logs at its own steps
         broadcast_memory(self.model)
 
     def on_train_epoch_start(self) -> None:
+        self.forget_epoch_step()
         if self.trainer.world_size > 1:
             check_ranks_agree(self.trainer.num_training_batches,
                               first_sequence_length(self.trainer.train_dataloader),
@@ -292,9 +296,43 @@ class TitansForecaster(L.LightningModule):
         self.trainer.model.train(self.hparams.eval_protocol == "reference")
 
     def on_train_epoch_end(self) -> None:
+        self.log_epoch_step()
         self.stop_if_diverged()  # when no validation ran this epoch
         for memory in self.model.memories:  # once per epoch: reading the count is a host sync
             memory.warn_if_skipped()
+
+    # -- the step axis of epoch-level scalars ---------------------------------------------------
+    # Lightning logs an epoch's training and validation metrics at its last batch's index, and a
+    # test at the global step. The `step` logged here sets one convention for every epoch-level
+    # scalar, the callbacks' included (they draw their figures at epoch_step too).
+    def epoch_step(self) -> int:
+        """The optimizer steps of the weights an epoch's scalars measure: (epoch + 1) x batches
+        for an epoch's training and validation alike; for a test (or validate) of a loaded
+        checkpoint, that checkpoint's step (after a fit: the tested best epoch's)."""
+        if self.trainer.state.fn != TrainerFn.FITTING and self.scored_checkpoint is not None:
+            return self.scored_checkpoint[0]
+        return self.global_step
+
+    def log_epoch_step(self) -> None:
+        """Log ``step`` (which Lightning's loggers take as the step) and the matching ``epoch``."""
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        epoch = self.current_epoch if fitting or self.scored_checkpoint is None \
+            else self.scored_checkpoint[1]
+        self.log_dict({"step": float(self.epoch_step()), "epoch": float(epoch)},
+                      on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+
+    def forget_epoch_step(self) -> None:
+        """Drop the logged ``step`` and ``epoch`` from the callback metrics once their epoch is
+        over: ModelCheckpoint names its files by them where they are, and stale ones would name
+        (and overwrite) every checkpoint saved within the next epoch."""
+        for key in ("step", "epoch"):
+            self.trainer.callback_metrics.pop(key, None)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_step()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_step()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:
@@ -310,6 +348,7 @@ class TitansForecaster(L.LightningModule):
             restore_buffers(self.model, self._memory_before_sanity_check)
             self._memory_before_sanity_check = None
         broadcast_memory(self.model)  # the ranks agree already, unless a kernel is nondeterministic
+        self.forget_epoch_step()  # after the callbacks' on_validation_end: checkpoints are saved
 
     def on_test_start(self) -> None:
         self.counts_before_test = self.memory_update_counts()
@@ -332,6 +371,8 @@ class TitansForecaster(L.LightningModule):
             - self._attempt_started
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.scored_checkpoint = (int(checkpoint.get("global_step", 0)),
+                                  int(checkpoint.get("epoch", 0)))
         resuming_fit = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         if not resuming_fit:
             return

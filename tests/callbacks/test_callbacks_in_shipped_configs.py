@@ -1,42 +1,89 @@
-"""The shipped configs choose the memory and forecast callbacks; a tiny `titans fit` logs them."""
+"""The shipped configs choose the memory and forecast callbacks and both loggers; a tiny
+`titans fit` logs them into one run folder, which `titans test` then adds to."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from titans_lightning.cli import main
+from titans_lightning.cli import TitansCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED = ["sinwave.yaml", "weather.yaml", "sinwave_long.yaml"]
 CALLBACKS = ["callbacks.surprise_statistics.SurpriseStatistics", "callbacks.gate_rate.GateRate",
-             "callbacks.memory_health.MemoryHealth", "callbacks.forecast_figure.ForecastFigure"]
+             "callbacks.memory_health.MemoryHealth", "callbacks.memory_profile.MemoryProfile",
+             "callbacks.custom_scalars.CustomScalars",
+             "callbacks.forecast_figure.ForecastFigure"]
+LOGGERS = ["lightning.pytorch.loggers.TensorBoardLogger", "callbacks.csv_logger.RunCSVLogger"]
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+        "--model.dim_feedforward", "16", "--data.init_args.n_sequences", "20",
+        "--data.init_args.seq_len", "60", "--trainer.enable_progress_bar", "false"]
 
 
-@pytest.mark.parametrize("name", ["sinwave.yaml", "weather.yaml", "sinwave_long.yaml"])
-def test_shipped_config_chooses_the_callbacks(name):
-    chosen = yaml.safe_load((CONFIGS / name).read_text())["trainer"]["callbacks"]
-    assert [c["class_path"] for c in chosen[-4:]] == CALLBACKS
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_chooses_the_callbacks_and_loggers(name):
+    trainer = yaml.safe_load((CONFIGS / name).read_text())["trainer"]
+    chosen = trainer["callbacks"]
+    assert [c["class_path"] for c in chosen[-len(CALLBACKS):]] == CALLBACKS
     assert chosen[-1]["init_args"] == {"sequences": [0, 1, 2]}
+    loggers = trainer["logger"]
+    assert [lg["class_path"] for lg in loggers] == LOGGERS
+    run = name.removesuffix(".yaml")
+    assert [lg["init_args"] for lg in loggers] == [{"save_dir": "logs", "name": run}] * 2
 
 
-def test_titans_fit_logs_memory_statistics_and_a_forecast_figure(in_tmp, read_events):
+def test_titans_fit_then_test_log_into_one_run_folder(in_tmp, read_events):
+    config = ["--config", str(CONFIGS / "sinwave.yaml"), *TINY,
+              "--trainer.logger.init_args.save_dir", str(in_tmp / "runs")]
     with pytest.warns(UserWarning, match=r"validation sequences \[2\] were not seen"):
-        main(["fit", "--config", str(CONFIGS / "sinwave.yaml"), "--trainer.max_epochs", "1",
-              "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-              "--trainer.limit_test_batches", "2", "--model.dim_feedforward", "16",
-              "--data.init_args.n_sequences", "20", "--data.init_args.seq_len", "60",
-              "--trainer.logger.init_args.save_dir", str(in_tmp),
-              "--trainer.enable_progress_bar", "false"])
+        main(["fit", *config])
+    folder = in_tmp / "runs" / "sinwave" / "version_0"
+    fit_rows = len(pd.read_csv(folder / "metrics.csv"))
+    main(["test", *config, "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
 
-    (log_dir,) = in_tmp.glob("sinwave/version_0")
-    events = read_events(log_dir)
-    scalars = events.Tags()["scalars"]
+    # --trainer.logger.init_args.save_dir set the last logger's; the TensorBoard one followed
+    assert not (in_tmp / "logs").exists()
+    assert [p.parent for p in in_tmp.rglob("events.out.tfevents.*")] == [folder] * 3
+    assert [p.parent for p in in_tmp.rglob("metrics.csv")] == [folder]
+
+    events = read_events(folder)
+    scalars, images = events.Tags()["scalars"], events.Tags()["images"]
     for layer in (0, 1):
         for split in ("train", "val", "test"):
             for tag in (f"memory/layer{layer}/surprise/{split}/mean",
                         f"memory/layer{layer}/gate_rate/{split}"):
                 assert tag in scalars
                 assert all(math.isfinite(e.value) for e in events.Scalars(tag))
+            assert f"memory/layer{layer}/profile/{split}" in images
     assert len(events.Images("forecast/val")) == 1
+    assert events.Tensors("custom_scalars__config__")
+
+    table = pd.read_csv(folder / "metrics.csv")  # the fit's rows kept, the test's appended
+    assert len(table) > fit_rows
+    assert table["val/mse"].notna().sum() == 1 and table["test/mse"].notna().sum() == 2
+    assert table["memory/layer1/surprise/val/mean"].notna().sum() == 1
+    assert table.dropna(subset=["memory/layer0/profile/surprise/test/mean"])["step"].tolist() \
+        == [0, 1, 2] * 2  # 60 steps, window 16: 45 windows in 3 groups; tested twice
+
+
+def loggers_of(arguments: list[str]) -> list:
+    cli = TitansCLI(["--config", str(CONFIGS / "sinwave.yaml"), *TINY, *arguments], run=False)
+    return cli.trainer.loggers
+
+
+def test_both_loggers_take_the_same_free_version(in_tmp):
+    earlier = in_tmp / "runs" / "sinwave" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("")
+    loggers = loggers_of(["--trainer.logger.init_args.save_dir", str(in_tmp / "runs")])
+    assert [lg.log_dir for lg in loggers] == [str(in_tmp / "runs" / "sinwave" / "version_1")] * 2
+
+
+def test_a_chosen_version_and_name_apply_to_both_loggers(in_tmp):
+    loggers = loggers_of(["--trainer.logger.init_args.version", "mine",
+                          "--trainer.logger.init_args.name", "waves"])
+    assert [lg.log_dir for lg in loggers] == [str(Path("logs") / "waves" / "mine")] * 2

@@ -1,10 +1,12 @@
-"""SurpriseStatistics, GateRate and MemoryHealth: what reaches TensorBoard is what the memory
-reported, per layer and split; non-finite values are left out; ranks are gathered."""
+"""SurpriseStatistics, GateRate and MemoryHealth: what reaches the loggers is what the memory
+reported, per layer and split; non-finite values are left out; ranks are gathered. Their scalars
+go through Lightning's logging (any logger, monitorable); histograms to TensorBoard only."""
 from __future__ import annotations
 
 import math
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from callbacks import GateRate, MemoryHealth, SurpriseStatistics
 from callbacks.memory_statistics import EpochValues, gather_columns
+from callbacks.surprise_statistics import batch_mean_and_max
 
 SPLITS = ("train", "val", "test")
 LAYERS = (0, 1)
@@ -23,8 +26,9 @@ RTOL = 1e-5
 def run(tmp_path_factory, tiny_fit, read_events, stats_recorder):
     """One tiny fit then test, with the three callbacks and a recorder of the memory's report."""
     recorder = stats_recorder()
-    callbacks = [SurpriseStatistics(every_n_steps=1), GateRate(), MemoryHealth(), recorder]
-    trainer = tiny_fit(tmp_path_factory.mktemp("stats"), callbacks, test=True)
+    callbacks = [SurpriseStatistics(on_step=True), GateRate(), MemoryHealth(), recorder]
+    trainer = tiny_fit(tmp_path_factory.mktemp("stats"), callbacks, test=True,
+                       log_every_n_steps=1)
     return SimpleNamespace(trainer=trainer, events=read_events(trainer.log_dir),
                            recorder=recorder)
 
@@ -92,13 +96,33 @@ def test_memory_health_matches_the_memory_report(run, layer, split):
         assert only_value(run, f"{tag}/max") == pytest.approx(values.max().item(), rel=RTOL)
 
 
+def test_the_scalars_reach_the_callback_metrics(run):
+    """Logged through Lightning, so ModelCheckpoint or EarlyStopping can monitor them (the
+    trainer keeps the latest stage's: the test's)."""
+    metrics = run.trainer.callback_metrics
+    rate = run.recorder.values("test", 0, "gate_rate").mean().item()
+    assert metrics["memory/layer0/gate_rate/test"].item() == pytest.approx(rate, rel=RTOL)
+    surprise = run.recorder.values("test", 1, "surprise").max().item()
+    assert metrics["memory/layer1/surprise/test/max"].item() == pytest.approx(surprise, rel=RTOL)
+
+
 @pytest.mark.parametrize("layer", LAYERS)
-def test_per_step_surprise_is_the_training_batch_mean(run, layer):
-    events = run.events.Scalars(f"memory/layer{layer}/surprise/train_step/mean")
-    assert [e.step for e in events] == [1, 2]
-    for event, batch in zip(events, run.recorder.batches["train"]):
-        assert event.value == pytest.approx(batch[layer]["surprise"].double().mean().item(),
-                                            rel=RTOL)
+def test_per_step_surprise_is_the_training_batch_mean_at_lightnings_step(run, layer):
+    prefix = f"memory/layer{layer}/surprise/train_step"
+    means, highs = run.events.Scalars(f"{prefix}/mean"), run.events.Scalars(f"{prefix}/max")
+    assert [e.step for e in means] == [e.step for e in highs] == [0, 1]  # as train/loss_step
+    for mean, high, batch in zip(means, highs, run.recorder.batches["train"]):
+        surprise = batch[layer]["surprise"].double()
+        assert mean.value == pytest.approx(surprise.mean().item(), rel=RTOL)
+        assert high.value == pytest.approx(surprise.max().item(), rel=RTOL)
+
+
+def test_the_batch_surprise_leaves_non_finite_values_out_on_the_device():
+    surprise = torch.tensor([[1.0, float("nan")], [3.0, float("inf")]])
+    mean, high = batch_mean_and_max(surprise)
+    assert (mean.item(), high.item()) == (2.0, 3.0)
+    mean, high = batch_mean_and_max(torch.full((2, 1), float("nan")))
+    assert math.isnan(mean.item()) and high.item() == -math.inf
 
 
 # -- the accumulation ------------------------------------------------------------------------
@@ -112,20 +136,20 @@ def test_non_finite_values_are_left_out_and_counted(tmp_path, read_events):
     batch = [{"surprise": surprise, "grad_norm": surprise.abs(), "update_norm": ones,
               "weight_norm": ones}]  # one layer, (U=5, S=1)
     writer = SummaryWriter(str(tmp_path))
+    scalar = {}
     for callback in (SurpriseStatistics(), MemoryHealth()):
         values = EpochValues(callback.STATS)
         values.add(batch)
         (layer,) = values.gather(one_process(), n_layers=1)
-        callback.log_layer(writer, "memory/layer0", "train", layer, step=7)
+        scalar.update(callback.scalars("memory/layer0", "train", layer))
+        callback.media(writer, "memory/layer0", "train", layer, step=7)
     writer.close()
 
-    events = read_events(tmp_path)
-    scalar = {tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]}
     tag = "memory/layer0/surprise/train"
     assert scalar[f"{tag}/nonfinite"] == 3
     assert scalar[f"{tag}/mean"] == 2.0 and scalar[f"{tag}/std"] == 1.0
     assert (scalar[f"{tag}/min"], scalar[f"{tag}/max"]) == (1.0, 3.0)
-    histogram = events.Histograms(tag)[0].histogram_value
+    histogram = read_events(tmp_path).Histograms(tag)[0].histogram_value
     assert (histogram.num, histogram.min, histogram.max, histogram.sum) == (2, 1.0, 3.0, 4.0)
     assert scalar["memory/layer0/grad_norm/train"] == 2.0
     assert scalar["memory/layer0/grad_norm/train/max"] == 3.0
@@ -169,12 +193,22 @@ def test_on_one_process_nothing_is_gathered():
     assert gather_columns(one_process(), values) is values
 
 
-def test_without_tensorboard_each_callback_warns_once_and_logs_nothing(tmp_path, tiny_fit):
-    callbacks = [SurpriseStatistics(every_n_steps=1), GateRate(), MemoryHealth()]
+def test_without_tensorboard_the_scalars_reach_another_logger(tmp_path, tiny_fit,
+                                                              stats_recorder):
+    """A CSVLogger alone gets every scalar; only the histograms are missing, with one warning."""
+    recorder = stats_recorder()
+    callbacks = [SurpriseStatistics(), GateRate(), MemoryHealth(), recorder]
     with pytest.warns(UserWarning) as caught:
         trainer = tiny_fit(tmp_path, callbacks, test=True, logger=CSVLogger(str(tmp_path)))
     messages = [str(w.message) for w in caught if "no TensorBoardLogger" in str(w.message)]
-    assert sorted(m.split()[0] for m in messages) == ["GateRate", "MemoryHealth",
-                                                      "SurpriseStatistics"]
-    assert all(not c.values[s].batches for c in callbacks for s in SPLITS)
-    assert trainer.state.finished
+    assert len(messages) == 1 and messages[0].startswith("SurpriseStatistics draws surprise "
+                                                         "histograms")
+    table = pd.read_csv(f"{trainer.log_dir}/metrics.csv")
+    for split in SPLITS:
+        tag = f"memory/layer1/surprise/{split}/mean"
+        (value,) = table[tag].dropna()
+        assert value == pytest.approx(recorder.values(split, 1, "surprise").mean().item(),
+                                      rel=RTOL)
+        (rate,) = table[f"memory/layer0/gate_rate/{split}"].dropna()
+        assert rate == pytest.approx(recorder.values(split, 0, "gate_rate").mean().item())
+        assert table[f"memory/layer0/update_norm/{split}/max"].notna().sum() == 1

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from callbacks import GateRate, SurpriseStatistics
+from callbacks import GateRate, MemoryProfile, SurpriseStatistics
+from callbacks.memory_profile import scalar_tag
 
 # Forked, not spawned, processes: they start in well under a second instead of re-importing all.
 pytestmark = pytest.mark.skipif(
@@ -32,6 +33,8 @@ class RankRecorder(L.Callback):
             for name in ("surprise", "gate_rate"):
                 key = f"{split}/{layer}/{name}"
                 self.values.setdefault(key, []).append(stats[name].reshape(-1).clone())
+            self.values.setdefault(f"{split}/{layer}/profile", []).append(
+                stats["surprise"].clone())  # (U, S)
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.record("train", pl_module)
@@ -40,7 +43,8 @@ class RankRecorder(L.Callback):
         self.record("val", pl_module)
 
     def on_fit_end(self, trainer, pl_module):
-        values = {key: torch.cat(parts) for key, parts in self.values.items()}
+        values = {key: torch.cat(parts, dim=1 if key.endswith("profile") else 0)
+                  for key, parts in self.values.items()}
         torch.save(values, self.directory / f"rank{trainer.global_rank}.pt")
 
 
@@ -49,7 +53,7 @@ def test_every_update_is_counted_once(tmp_path, tiny_fit, read_events, scope):
     """Per-sequence training splits the batch's slots across ranks (gathered); the shared
     memory's training updates and every validation update are the same on every rank (rank 0's
     are written, not doubled)."""
-    callbacks = [SurpriseStatistics(), GateRate(), RankRecorder(tmp_path)]
+    callbacks = [SurpriseStatistics(), GateRate(), MemoryProfile(), RankRecorder(tmp_path)]
     trainer = tiny_fit(tmp_path, callbacks, accelerator="cpu", devices=2, strategy="ddp_fork",
                        use_distributed_sampler=False, memory_scope=scope)
 
@@ -59,7 +63,7 @@ def test_every_update_is_counted_once(tmp_path, tiny_fit, read_events, scope):
     for key in ranks[0]:
         split, layer, name = key.split("/")
         if split == "train" and scope == "per_sequence":
-            both = torch.cat([rank[key] for rank in ranks]).double()
+            both = torch.cat([rank[key] for rank in ranks], dim=-1).double()
             assert both.numel() == 2 * ranks[0][key].numel()
         else:
             assert torch.equal(ranks[0][key], ranks[1][key])
@@ -73,6 +77,11 @@ def test_every_update_is_counted_once(tmp_path, tiny_fit, read_events, scope):
             assert mean.value == pytest.approx(both.mean().item(), rel=1e-5)
             assert (low.value, high.value) == pytest.approx((both.min().item(),
                                                              both.max().item()), rel=1e-5)
+        elif name == "profile":  # (U, N): the mean over every slot at each update
+            events_of_update = events.Scalars(scalar_tag(int(layer), "surprise", split, "mean"))
+            assert [e.step for e in events_of_update] == list(range(both.shape[0]))
+            assert [e.value for e in events_of_update] == pytest.approx(
+                both.mean(1).tolist(), rel=1e-5)
         else:
             (rate,) = events.Scalars(f"memory/layer{layer}/gate_rate/{split}")
             assert math.isclose(rate.value, both.mean().item(), rel_tol=1e-5)
