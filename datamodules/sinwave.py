@@ -86,7 +86,7 @@ class SinwaveDataModule(SequenceDataModule):
             )
         if data_dir is None and seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["_instantiator"])
         self.data_dir = data_dir
         self.seed = seed
         self.n_sequences = n_sequences

@@ -66,7 +66,7 @@ class WeatherDataModule(SequenceDataModule):
             )
         if cache_dir is not None and csv_path is None:
             raise ValueError("cache_dir only applies with csv_path; drop it when using data_dir")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["_instantiator"])
         self.data_dir = data_dir
         self.csv_path = csv_path
         self.cache_dir = cache_dir

@@ -215,6 +215,7 @@ class TitansCLI(LightningCLI):
             return
         result = self.fit_result(scores, best_path)
         path = write_result(log_dir, result)
+        log_run_hparams(self.trainer, result)
         tested = f"best epoch {result['best_epoch']}" if best_path else "final weights"
         if result["val_mse"] is not None:
             tested += f", val MSE {result['val_mse']:.6f}"
@@ -447,6 +448,40 @@ class EpochLine(Callback):
         if last is not None and last >= epoch:
             parts.append(f"ETA {per_epoch * (last - epoch) / 60:.0f} min")
         return "  ".join(parts)
+
+
+HPARAM_METRICS = {"hp/val_mse": "val_mse", "hp/test_mse": "test_mse", "hp/best_epoch": "best_epoch"}
+
+
+def run_hparams(result: dict[str, Any]) -> dict[str, Any]:
+    """The settings that tell runs apart, as the HParams tab shows them (scalars and strings)."""
+    config = result["config"]
+    model, data = config["model"], config["data"]
+    return {
+        "benchmark": str(data.get("class_path", "")).rsplit(".", 1)[-1],
+        "strategy": model["strategy"],
+        "strategy_options": json.dumps(model.get("strategy_options") or {}, sort_keys=True),
+        "memory_scope": model["memory_scope"], "mac_order": model["mac_order"],
+        "eval_protocol": model["eval_protocol"], "seed": result["seed"],
+        "max_epochs": config["trainer"]["max_epochs"], "lr": model["lr"],
+        "context_window": model["context_window"], "dim_feedforward": model["dim_feedforward"],
+        "batch_size": data.get("init_args", {}).get("batch_size"),
+    }
+
+
+def log_run_hparams(trainer: L.Trainer, result: dict[str, Any]) -> None:
+    """The run's settings with its scores (best val/mse, test/mse, best epoch), once the test
+    has run: TensorBoard's HParams tab then compares runs by what they scored."""
+    metrics = {tag: float(result[key]) for tag, key in HPARAM_METRICS.items()
+               if result[key] is not None}
+    params = run_hparams(result)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics)
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(metrics, step=0)
+        logger.save()
 
 
 def difference(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

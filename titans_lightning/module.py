@@ -112,7 +112,7 @@ class TitansForecaster(L.LightningModule):
         if eval_protocol not in EVAL_PROTOCOLS:
             raise ValueError(
                 f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["_instantiator"])  # the CLI's, not a setting
         # the rule's file as it was when the model was built (None for a built-in)
         self.strategy_source = strategy_source(strategy)
         self.model = MACTitan(
