@@ -99,7 +99,7 @@ def main() -> None:
                "device": _device(device), "threads": args.threads, "seed": 0,
                "batches": args.batches, "warmup": args.warmup,
                "variant": "library-encoder" if args.library_encoder
-               else "no-kernels" if args.no_kernels else "fused",
+               else "no-kernels" if args.no_kernels else "kernels",
                "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds")}

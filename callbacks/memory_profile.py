@@ -110,7 +110,7 @@ class EpochProfile:
         if across_ranks:
             columns = gather_columns(pl_module, values.transpose(1, 2).reshape(-1, values.shape[1]))
             values = columns.reshape(len(STATS), updates, -1).transpose(1, 2)  # (K, N, U)
-        values = torch.where(torch.isfinite(values), values, float("nan"))  # skipped: left out
+        values = torch.where(torch.isfinite(values), values, float("nan"))  # non-finite: left out
         band = torch.nanquantile(values, torch.tensor(BAND, dtype=values.dtype, device=device),
                                  dim=1)  # (2, K, U)
         sums, counts = self.picked_sums(layer, updates, values)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -44,6 +45,9 @@ def test_the_hparams_tab_holds_the_settings_and_the_scores(tiny_sinwave, in_tmp)
     assert "hp_metric" not in scalars
     assert events.Scalars("hp/test_mse")[-1].value == float(result["test_mse"])
     assert events.Scalars("hp/val_mse")[-1].value == float(result["val_mse"])
-    assert "_instantiator" not in (run / "hparams.yaml").read_text()
+    saved = yaml.safe_load((run / "hparams.yaml").read_text())  # the module's and data's own
+    assert "_instantiator" not in saved and "benchmark" not in saved
+    assert saved["strategy"] == "adam_gated" and saved["strategy_options"] is None
+    assert saved["seed"] == cli.datamodule.hparams.seed  # the data's seed, not seed_everything
     table = pd.read_csv(run / "metrics.csv")  # the CSV logger gets the scores too
     assert table["hp/test_mse"].dropna().iloc[-1] == float(result["test_mse"])

@@ -52,12 +52,16 @@ def test_an_update_under_autocast_equals_the_float32_update(strategy, half):
 @pytest.mark.parametrize("half", HALF)
 def test_a_model_cast_to_half_keeps_a_float32_memory_that_still_retains(half):
     torch.manual_seed(0)
-    model = MACTitan(context_window=4, dim_feedforward=8).to(half)
+    model = MACTitan(context_window=4, dim_feedforward=8)
+    before = {k: v.clone() for k, v in model.memories[0].state_dict().items()}
+    model = model.to(half)
     assert model.emb.weight.dtype == half  # the outer model is half ...
     for memory in model.memories:  # ... the memory is not
         assert {t.dtype for t in (*memory.buffers(), *memory.parameters())
                 if t.is_floating_point()} == {torch.float32}
     memory = model.memories[0]
+    for name, value in memory.state_dict().items():  # not rounded through half and back
+        assert torch.equal(value, before[name]), name
     reference = NeuralMemory(16, 32)  # the same memory, never cast
     reference.load_state_dict(memory.state_dict())
     x = torch.randn(1, 4, 16).to(half)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata
-import importlib.resources
 import json
 import os
 import re
@@ -188,13 +187,10 @@ def editable_source() -> Path | None:
 
 
 def config_folders() -> list[Path]:
-    """Where the benchmark configs are looked for, in order: shipped inside the package, in the
-    source folder of an editable install, then ``./configs``."""
-    folders = [Path(str(importlib.resources.files("titans_lightning") / "configs"))]
+    """Where the benchmark configs are looked for, in order: the source folder of an editable
+    install, then ``./configs``."""
     source = editable_source()
-    if source is not None:
-        folders.append(source / "configs")
-    return folders + [Path.cwd() / "configs"]
+    return ([source / "configs"] if source is not None else []) + [Path.cwd() / "configs"]
 
 
 def data_folders() -> list[Path]:

@@ -476,11 +476,10 @@ def log_run_hparams(trainer: L.Trainer, result: dict[str, Any]) -> None:
                if result[key] is not None}
     params = run_hparams(result)
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, TensorBoardLogger):  # its hparams.yaml, written first, is kept
             logger.log_hyperparams(params, metrics)
-        else:
-            logger.log_hyperparams(params)
-            logger.log_metrics(metrics, step=0)
+        else:  # hparams.yaml stays the module's and datamodule's hyperparameters
+            logger.log_metrics(metrics, step=trainer.global_step)
         logger.save()
 
 

@@ -8,8 +8,8 @@ activation=silu, batch_first=True)`` computes (post-norm, same parameter names, 
 load each other's state dicts), as three operations of :mod:`titans_lightning.kernels`: the
 attention core, the output projection with its dropout, residual connection and norm, and the
 feed-forward with its dropouts, residual connection and norm. Each runs on a CPU kernel or on
-PyTorch's operators, whichever applies; either way the 2048-wide feed-forward activation is
-recomputed in the backward pass instead of stored, and dropout on the CPU costs far less than
+PyTorch's operators, whichever applies; on the CPU, either way, the 2048-wide feed-forward
+activation is recomputed in the backward pass instead of stored, and dropout costs far less than
 one random number per element (see :mod:`titans_lightning.kernels.reference`).
 """
 from __future__ import annotations

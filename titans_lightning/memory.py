@@ -489,10 +489,13 @@ class NeuralMemory(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Move and cast like any module, except that the memory's floating-point tensors never
-        go below float32 (``--trainer.precision bf16-true`` casts the whole model to half)."""
+        go below float32 (``--trainer.precision bf16-true`` casts the whole model to half): such
+        a tensor only moves, its values untouched (casting to half and back would round them)."""
         def at_least_float32(t: Tensor) -> Tensor:
             out = fn(t)
-            return out.float() if out.dtype in HALF_TYPES else out
+            if out.dtype in HALF_TYPES and t.dtype not in HALF_TYPES:
+                return t.to(device=out.device)
+            return out
         return super()._apply(at_least_float32, recurse)
 
     def __getstate__(self):

@@ -247,7 +247,7 @@ class TitansForecaster(L.LightningModule):
                 "on the same sequences; it works on one process only (drop it, or use "
                 "--trainer.limit_train_batches)")
         precision = str(self.trainer.precision)
-        if precision in ("16-true", "16"):
+        if precision == "16-true":
             raise ValueError(FLOAT16_WEIGHTS_ERROR)
         if precision not in SUPPORTED_PRECISION:
             raise ValueError(
