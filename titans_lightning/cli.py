@@ -450,7 +450,8 @@ class EpochLine(Callback):
         return "  ".join(parts)
 
 
-HPARAM_METRICS = {"hp/val_mse": "val_mse", "hp/test_mse": "test_mse", "hp/best_epoch": "best_epoch"}
+HPARAM_METRICS = {"hp/val_mse": "val_mse", "hp/test_mse": "test_mse",
+                  "hp/tested_epoch": "best_epoch"}
 
 
 def run_hparams(result: dict[str, Any]) -> dict[str, Any]:
