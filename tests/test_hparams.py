@@ -40,7 +40,7 @@ def test_the_hparams_tab_holds_the_settings_and_the_scores(tiny_sinwave, in_tmp)
     assert session["seed"] == 3 and session["max_epochs"] == 2
     assert session["mac_order"] == "reference" and session["benchmark"] == "SinwaveDataModule"
     assert not any(key.startswith("_") for key in session)  # no _instantiator
-    assert sorted(metrics) == ["hp/test_mse", "hp/tested_epoch", "hp/val_mse"]
+    assert sorted(metrics) == ["hp/epoch_tested", "hp/test_mse", "hp/val_mse"]
     scalars = events.Tags()["scalars"]
     assert "hp_metric" not in scalars
     assert events.Scalars("hp/test_mse")[-1].value == float(result["test_mse"])

@@ -451,7 +451,7 @@ class EpochLine(Callback):
 
 
 HPARAM_METRICS = {"hp/val_mse": "val_mse", "hp/test_mse": "test_mse",
-                  "hp/tested_epoch": "best_epoch"}
+                  "hp/epoch_tested": "best_epoch"}
 
 
 def run_hparams(result: dict[str, Any]) -> dict[str, Any]:
