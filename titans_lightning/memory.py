@@ -41,6 +41,11 @@ STAT_NAMES = ("surprise", "grad_norm", "update_norm", "weight_norm", "gate_rate"
 HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
+def lowered_precision(device_type: str) -> bool:
+    """Whether autocast or a half default dtype is in force (what :func:`full_precision` undoes)."""
+    return torch.is_autocast_enabled(device_type) or torch.get_default_dtype() in HALF_TYPES
+
+
 @contextlib.contextmanager
 def full_precision(device_type: str) -> Iterator[None]:
     """Where the memory learns: autocast off and float32 as the default dtype, whatever the
@@ -48,13 +53,11 @@ def full_precision(device_type: str) -> Iterator[None]:
     never apply, and autocast would run the surprise's gradient in half precision.
 
     ``*-mixed`` precision enables autocast around the forward, ``*-true`` sets the default dtype
-    to half there (tensors a strategy creates would be half); outside both this costs nothing.
+    to half there (tensors a strategy creates would be half). Callers on the chunk loop ask
+    :func:`lowered_precision` first, so in float32 they enter no context at all.
     """
     autocast = torch.is_autocast_enabled(device_type)
     default = torch.get_default_dtype()
-    if not autocast and default not in HALF_TYPES:
-        yield
-        return
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         torch.set_default_dtype(torch.float32 if default in HALF_TYPES else default)
         try:
@@ -208,6 +211,8 @@ class NeuralMemory(nn.Module):
     def retrieve(self, q: Tensor) -> Tensor:
         """``M(q)`` with the current fast weights: (S, R, d) -> (S, R, d), in the dtype of q
         (computed in the memory's own, at least float32; see :func:`full_precision`)."""
+        if q.dtype == self.fast_weights.dtype and not lowered_precision(q.device.type):
+            return self._retrieve(q)
         with full_precision(q.device.type):
             return self._retrieve(q.to(self.fast_weights.dtype)).to(q.dtype)
 
@@ -269,8 +274,11 @@ class NeuralMemory(nn.Module):
         The update runs in the memory's dtype (at least float32), whatever the trainer's
         precision; see :func:`full_precision`.
         """
+        x = x.detach()
+        if x.dtype == self.fast_weights.dtype and not lowered_precision(x.device.type):
+            return self._update(x)
         with full_precision(x.device.type):
-            return self._update(x.detach().to(self.fast_weights.dtype))
+            return self._update(x.to(self.fast_weights.dtype))
 
     def _update(self, x: Tensor) -> Tensor:
         if torch.is_inference_mode_enabled():
