@@ -11,6 +11,15 @@ from titans_lightning import encoder as enc
 from titans_lightning.kernels import reference
 
 
+def assert_same_gradients(ref, mine, x, a, b, **close) -> None:
+    """The input and parameter gradients of two layers' outputs a, b for one random cotangent."""
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, [x, *ref.parameters()], g)
+    gb = torch.autograd.grad(b, [x, *mine.parameters()], g)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(v, u, **close)
+
+
 def pair(d=16, f=40):
     torch.manual_seed(0)
     ref = torch.nn.TransformerEncoderLayer(d, 2, f, 0.1, activation=F.silu, batch_first=True)
@@ -26,11 +35,7 @@ def test_eval_forward_and_gradients_equal_the_library_layer(monkeypatch):
     x = torch.randn(5, 9, 16, dtype=torch.double, requires_grad=True)
     a, b = ref(x), mine(x)
     torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(a)
-    ga = torch.autograd.grad(a, [x, *ref.parameters()], g)
-    gb = torch.autograd.grad(b, [x, *mine.parameters()], g)
-    for u, v in zip(ga, gb):
-        torch.testing.assert_close(v, u, rtol=1e-9, atol=1e-11)
+    assert_same_gradients(ref, mine, x, a, b, rtol=1e-9, atol=1e-11)
 
 
 def test_training_feed_forward_equals_explicit_mask(monkeypatch):

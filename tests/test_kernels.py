@@ -12,6 +12,8 @@ from titans_lightning import encoder as enc
 from titans_lightning import kernels
 from titans_lightning.kernels import build, cpu, reference
 
+from test_encoder import assert_same_gradients
+
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
 
@@ -160,11 +162,7 @@ def test_encoder_layer_uses_the_kernels_and_equals_the_library_layer(kernel_call
     a, b = ref(x), mine(x)
     assert kernel_calls == {"attention": 1, "add_layer_norm": 2, "feed_forward": 1}
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(a)
-    ga = torch.autograd.grad(a, [x, *ref.parameters()], g)
-    gb = torch.autograd.grad(b, [x, *mine.parameters()], g)
-    for u, v in zip(ga, gb):
-        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+    assert_same_gradients(ref, mine, x, a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_encoder_layer_without_grad_is_three_kernel_calls_and_equals_the_library_layer(
