@@ -89,4 +89,4 @@ def test_the_count_sees_a_read(monkeypatch):
     with counted_host_reads(monkeypatch) as counts:
         training_batch(module, batch)
     reads = {key: n for key, n in counts.items() if tuple(key[1:]) not in CPU_ONLY}
-    assert reads == {("__bool__", "memory.py", "_update"): 2 * 5}  # layers x updates
+    assert reads == {("__bool__", "memory_update.py", "update_memory"): 2 * 5}  # layers x updates

@@ -224,7 +224,7 @@ def test_recall_error_of_values_the_kernel_cannot_take_uses_the_operators():
         want = (memory.retrieve(keys) - values).pow(2).sum((1, 2)) / 50
         torch.testing.assert_close(memory.recall_error(keys, values), want)
     with pytest.raises(TypeError, match="float32 CPU tensors"):  # the kernel's own guard
-        cpu.memory_recall(keys, keys.double(), memory.fast_weights, 32)
+        cpu.surprise_and_gradient(keys, keys.double(), memory.fast_weights, 32)
 
 
 def test_dropout_kernel_applies_the_reported_mask_forward_and_backward():
@@ -317,7 +317,7 @@ def test_recall_kernel_gives_the_surprise_and_its_gradient(slots, rows, d, h):
     torch.manual_seed(rows)
     keys, values = torch.randn(slots, rows, d), torch.randn(slots, rows, d)
     flat = torch.randn(slots, 2 * h * d + h + d) * 0.3
-    surprise, gflat = cpu.memory_recall(keys, values, flat, h)
+    surprise, gflat = cpu.surprise_and_gradient(keys, values, flat, h)
     fr = flat.double().requires_grad_(True)
     ref = (reference.two_layer(keys.double(), *reference.two_layer_weights(fr, d))[0]
            - values.double())
@@ -336,7 +336,7 @@ def test_recall_kernel_gives_the_same_bits_on_one_and_two_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(cpu.memory_recall(keys, values, flat * 0.3, 32))
+            results.append(cpu.surprise_and_gradient(keys, values, flat * 0.3, 32))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -382,13 +382,17 @@ class _ScaledSurprise:
         return memory.recall_error(keys, values) * self.scale
 
 
-def test_update_takes_the_recall_gradient_only_for_the_surprise_it_belongs_to(monkeypatch):
-    """recall_error hands its kernel's gradient to the update when the strategy's surprise is
-    exactly its result; any other surprise goes through autograd, and all three agree."""
+def test_the_surprise_gradient_comes_from_the_recall_kernel_and_scales_with_the_surprise(
+        monkeypatch):
+    """recall_error's kernel computes the weights' gradient with the surprise: the update's
+    backward pass only scales it (no memory backward pass), so a surprise that is a multiple of
+    recall_error gets that multiple of the gradient, and all three agree."""
+    from titans_lightning.kernels import cpu
     from titans_lightning.memory import NeuralMemory
-    calls = []
-    real = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    backward_passes = []
+    real = cpu.memory_backward
+    monkeypatch.setattr(cpu, "memory_backward",
+                        lambda *a, **k: backward_passes.append(1) or real(*a, **k))
     torch.manual_seed(0)
     direct = NeuralMemory(16, 32, 2, "titans_default")
     scaled = NeuralMemory(16, 32, 2, _ScaledSurprise(2.0))
@@ -396,15 +400,19 @@ def test_update_takes_the_recall_gradient_only_for_the_surprise_it_belongs_to(mo
     scaled.load_state_dict(direct.state_dict())
     unscaled.load_state_dict(direct.state_dict())
     x = torch.randn(1, 300, 16)
-    calls.clear()
-    direct.update(x)
-    assert not calls  # the kernel's gradient, no backward pass
-    scaled.update(x)
-    unscaled.update(x)
-    assert len(calls) == 2  # a surprise that is not recall_error's own result: autograd
+    for memory in (direct, scaled, unscaled):
+        memory.update(x)
+    assert not backward_passes
     g_direct, g_unscaled = direct.history[-1]["grads"], unscaled.history[-1]["grads"]
     torch.testing.assert_close(g_direct, g_unscaled)
     torch.testing.assert_close(scaled.history[-1]["grads"], 2 * g_direct)
+    with torch.no_grad():  # and the gradient is the operators' own
+        flat = direct.initial_weights.clone().requires_grad_(True)
+        keys, values = direct.strategy.compute_keys_values(direct, x)
+    with torch.enable_grad():
+        want = kernels.reference.two_layer(keys, *kernels.reference.two_layer_weights(flat, 16))[0]
+        (g_want,) = torch.autograd.grad((want - values).pow(2).sum() / 300, [flat])
+    torch.testing.assert_close(g_direct, g_want, rtol=1e-4, atol=1e-5)
 
 
 def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
@@ -536,10 +544,10 @@ def test_mac_recall_on_the_kernels_equals_the_operators(hidden, then_silu, kerne
     layer.memory.fast_weights = torch.randn(2, layer.memory.fast_weights.shape[1]) * 0.3
     x = torch.randn(2, 613, 16)  # two slots; rows not a multiple of the kernel's blocks
     with torch.no_grad():
-        got = layer.recall(x, then_silu)
+        got = layer.read_memory(x, then_silu)
         assert kernel_calls == {"mac_query": 1, "memory_forward": 1}
         monkeypatch.setenv(build.SWITCH, "0")
-        want = layer.recall(x, then_silu)
+        want = layer.read_memory(x, then_silu)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -142,7 +142,7 @@ def test_the_memory_kernel_refuses_the_widths_the_choice_refuses(d, h):
         with pytest.raises(cpu.KernelError, match="titans_mlp_forward does not take these"):
             cpu.memory_forward(q, flat, h, keep=False)
         with pytest.raises(cpu.KernelError, match="titans_mlp_recall"):
-            cpu.memory_recall(q, q, flat, h)
+            cpu.surprise_and_gradient(q, q, flat, h)
     else:
         cpu.memory_forward(q, flat, h, keep=False)
 

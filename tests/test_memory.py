@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from titans_lightning import NeuralMemory, StrategyError
+from titans_lightning import NeuralMemory, StrategyError, load_strategy
 from titans_lightning.strategies import titans_default
 
 
@@ -24,8 +24,10 @@ def nan_update(memory, grads, surprise):
 
 def test_nan_update_is_skipped_counted_and_warned_once():
     torch.manual_seed(0)
-    with pytest.warns(RuntimeWarning, match="non-finite"):  # the construction probe says so too
-        memory = NeuralMemory(strategy=strategy_module(apply_update=nan_update))
+    rule = strategy_module(apply_update=nan_update)
+    with pytest.warns(RuntimeWarning, match="non-finite"):  # the probe says so too
+        load_strategy(rule)
+    memory = NeuralMemory(strategy=rule)
     before = {k: v.clone() for k, v in memory.state_dict().items()}
     for _ in range(3):
         memory.update(torch.randn(1, 8, 16))

@@ -144,10 +144,10 @@ def test_probe_names_the_function_that_raised(tmp_path, name):
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
-def test_probe_failure_also_stops_a_memory_being_built(tmp_path):
+def test_probe_failure_also_stops_a_model_being_built(tmp_path):
     path = write_rule(tmp_path, BROKEN["compute_surprise"])
     with pytest.raises(StrategyError, match="`compute_surprise` raised RuntimeError"):
-        NeuralMemory(strategy=str(path))
+        MACTitan(context_window=4, dim_feedforward=16, strategy=str(path))
 
 
 WRONG_RETURNS = {
@@ -239,8 +239,8 @@ def test_probe_runs_once_per_strategy_and_can_be_skipped(tmp_path, monkeypatch):
     rule = load_strategy(str(write_rule(tmp_path)), probe=False)
     assert calls == []
     load_strategy(rule)
-    MACTitan(context_window=4, dim_feedforward=16, strategy=rule)  # two more memories
-    assert len(calls) == 3  # asked each time, the probe itself ran once
+    MACTitan(context_window=4, dim_feedforward=16, strategy=rule)  # once for its two memories
+    assert len(calls) == 2  # asked each time, the probe itself ran once
     assert sum(key[0] is rule.init_memory_state for key in strategy_module._probed) == 1
 
 

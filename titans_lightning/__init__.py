@@ -12,7 +12,7 @@ except PackageNotFoundError:  # run from a checkout that was not installed
     __version__ = "0+unknown"
 
 _HOMES = {"NeuralMemory": "memory", "MACLayer": "model", "MACTitan": "model",
-          "TitansForecaster": "module", "CONTRACT": "strategy", "StrategyError": "strategy",
+          "TitansForecaster": "module", "CONTRACT": "contract", "StrategyError": "contract",
           "load_strategy": "strategy"}
 
 __all__ = list(_HOMES)

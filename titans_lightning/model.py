@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import kernels
 from .encoder import EncoderLayer
 from .memory import NeuralMemory
+from .strategy import load_strategy
 
 SCOPES = ("shared", "per_sequence")
 ORDERS = ("reference", "causal")
@@ -75,23 +76,25 @@ class MACLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         N, C, d = x.shape  # (N, C, d)
-        y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
+        y = self.retrieve_attend_project(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
         self.memory.update(y)
-        z = self.recall(y, then_silu=False)  # (S, N*C/S, d), with M'
+        z = self.read_memory(y, then_silu=False)  # (S, N*C/S, d), with M'
         return (y * torch.sigmoid(z)).reshape(N, C, d)
 
-    def recall(self, x: Tensor, then_silu: bool) -> Tensor:
-        """The memory's answer ``M(ask(x))`` to the queries of rows x (S, R, d)."""
-        return self.memory.retrieve(self.ask(x, then_silu))
+    def read_memory(self, x: Tensor, then_silu: bool) -> Tensor:
+        """The memory's answer ``M(memory_query(x))`` for rows x (S, R, d)."""
+        return self.memory.retrieve(self.memory_query(x, then_silu))
 
-    def ask(self, x: Tensor, then_silu: bool) -> Tensor:
+    def memory_query(self, x: Tensor, then_silu: bool) -> Tensor:
         """The memory query ``normalize(Q x)`` (then silu, step 1) of rows x (..., d)."""
         return kernels.mac_query(x, self.query, then_silu)
 
-    def attend(self, x: Tensor) -> Tensor:
-        """Steps 1-4: retrieve with the current memory, attend, project -> y (N, C*d)."""
+    def retrieve_attend_project(self, x: Tensor) -> Tensor:
+        """Steps 1-4: retrieve with the current memory, attend over [persistent, retrieved,
+        input], project -> y (N, C*d)."""
         N, C, d = x.shape
-        h = self.recall(x.reshape(self.memory.n_slots, -1, d), then_silu=True).reshape(N, C, d)
+        h = self.read_memory(x.reshape(self.memory.n_slots, -1, d), then_silu=True)
+        h = h.reshape(N, C, d)
         ctx = torch.cat([self.persistent.expand(N, -1, -1), h, x], dim=1)  # (N, P+2C, d)
         return self.project(F.silu(self.attention(ctx)).flatten(1))  # (N, C*d)
 
@@ -106,8 +109,8 @@ class CausalMACLayer(MACLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         N, C, d = x.shape  # (N, C, d)
-        y = self.attend(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
-        z = self.recall(y, then_silu=False)  # with M, before storing
+        y = self.retrieve_attend_project(x).reshape(self.memory.n_slots, -1, d)  # (S, N*C/S, d)
+        z = self.read_memory(y, then_silu=False)  # with M, before storing
         self.memory.update(y)
         return (y * torch.sigmoid(z)).reshape(N, C, d)
 
@@ -137,11 +140,12 @@ class MACTitan(nn.Module):
         self.C, self.memory_scope = context_window, memory_scope
         self.emb = nn.Linear(input_dim, hidden_dim)
         layer_class = MACLayer if mac_order == "reference" else CausalMACLayer
+        rule = load_strategy(strategy, options=strategy_options)  # resolved and probed once
         self.layers = nn.ModuleList(
             layer_class(hidden_dim, context_window, pm_len,
-                     NeuralMemory(hidden_dim, memory_hidden, memory_layers, strategy,
-                                  strategy_options),
-                     nhead, dim_feedforward, dropout)
+                        NeuralMemory(hidden_dim, memory_hidden, memory_layers, rule,
+                                     strategy_options),
+                        nhead, dim_feedforward, dropout)
             for _ in range(num_layers))
         self.head = nn.Linear(context_window * hidden_dim, output_dim)
 

@@ -112,5 +112,5 @@ def test_gate_is_per_slot():
     for name, w in weights.items():
         assert torch.equal(new[name][0], w[0])
         assert not torch.equal(new[name][1], w[1])
-    assert memory._now.gate.tolist() == [0.0, 1.0]  # what report_gate was told
+    assert memory._gate.tolist() == [0.0, 1.0]  # what report_gate was told
     assert memory.state["step"].tolist() == [0.0, 1.0]

@@ -131,15 +131,15 @@ class _TwoLayerMemory(torch.autograd.Function):
 
 
 def recall_error(keys: Tensor, values: Tensor, flat: Tensor, twice_differentiable: bool = False
-                 ) -> tuple[Tensor, Tensor | None]:
+                 ) -> Tensor:
     """How badly the two-layer memory with flat weights (S, n) recalls ``values`` (S, R, d)
     from ``keys``: per slot, the sum over features of the mean over rows of
-    ``(M(keys) - values)^2`` (S,), differentiable; and the gradient of the surprises' sum with
-    respect to ``flat`` where it came for free with them (the CPU kernel computes both in one
-    pass when only the weights can need a gradient), else None."""
+    ``(M(keys) - values)^2`` (S,), differentiable (twice where asked). Where only the weights
+    can need a gradient, the CPU kernel computes that gradient with the surprise, in one pass,
+    and the backward pass only scales it."""
     if _runs_on_kernel("recall_error", keys, values, flat, twice_differentiable):
         return cpu.recall_error(keys, values, flat, reference.hidden_width(flat, keys.shape[-1]))
-    return (memory_mlp(keys, flat) - values).pow(2).sum((1, 2)) / values.shape[1], None
+    return (memory_mlp(keys, flat) - values).pow(2).sum((1, 2)) / values.shape[1]
 
 
 def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,
@@ -300,8 +300,8 @@ def _memory_refusals(q: Tensor, flat: Tensor, *others: Tensor) -> Iterator[str]:
         yield f"hidden width {h} not among the kernel's {MEMORY_HIDDEN}"
 
 
-def _recall_refusals(keys: Tensor, values: Tensor, flat: Tensor,
-                     twice_differentiable: bool = False) -> Iterator[str]:
+def _recall_error_refusals(keys: Tensor, values: Tensor, flat: Tensor,
+                           twice_differentiable: bool = False) -> Iterator[str]:
     yield from _memory_refusals(keys, flat, values)
     if values.shape != keys.shape:
         yield f"values {tuple(values.shape)} of another shape than the keys {tuple(keys.shape)}"
@@ -330,6 +330,6 @@ _REFUSALS: dict[str, Callable[..., Iterator[str]]] = {
     "mac_query": _mac_query_refusals,
     "keys_values": _keys_values_refusals,
     "memory_mlp": _memory_refusals,
-    "recall_error": _recall_refusals,
+    "recall_error": _recall_error_refusals,
     "commit_update": _commit_refusals,
 }

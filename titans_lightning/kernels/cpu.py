@@ -315,8 +315,8 @@ def memory_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor, ne
     return gq, gflat
 
 
-def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
-                  ) -> tuple[Tensor, Tensor]:
+def surprise_and_gradient(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
+                          ) -> tuple[Tensor, Tensor]:
     """The reference surprise ``sum_features mean_rows (M(keys) - values)^2`` per slot (S,) and
     its gradient with respect to the flat weights (S, n), in one call. No autograd."""
     keys, values, flat = _plain(keys), _plain(values), _plain(flat)
@@ -327,15 +327,12 @@ def memory_recall(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
     return surprise, gflat
 
 
-def recall_error(keys: Tensor, values: Tensor, flat: Tensor, hidden: int
-                 ) -> tuple[Tensor, Tensor | None]:
-    """The reference surprise per slot (S,), differentiable once, and where only the weights
-    can need a gradient, that gradient (of the surprises' sum, (S, n)), computed in the same
-    pass; else None."""
+def recall_error(keys: Tensor, values: Tensor, flat: Tensor, hidden: int) -> Tensor:
+    """The reference surprise per slot (S,), differentiable once. Where only the weights can
+    need a gradient, that gradient is computed in the same pass as the surprise."""
     if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-        return _RecallError.apply(keys, values, flat, hidden), None
-    gradient: list[Tensor] = []
-    return _Recall.apply(flat, keys, values, hidden, gradient), gradient[0]
+        return _RecallError.apply(keys, values, flat, hidden)
+    return _SurpriseWithGradient.apply(flat, keys, values, hidden)
 
 
 class _RecallError(torch.autograd.Function):
@@ -358,23 +355,21 @@ class _RecallError(torch.autograd.Function):
         return g_keys, -g_out if need_values else None, g_flat, None
 
 
-class _Recall(torch.autograd.Function):
-    """The surprise with the weights' gradient computed in the forward pass (one kernel call)
-    and handed out through ``gradient``; the backward pass only scales it."""
+class _SurpriseWithGradient(torch.autograd.Function):
+    """The surprise with the weights' gradient computed in the forward pass (one kernel call);
+    the backward pass only scales it by the incoming gradient of each slot's surprise."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, keys: Tensor, values: Tensor, hidden: int,
-                gradient: list) -> Tensor:
-        surprise, gflat = memory_recall(keys, values, flat, hidden)
+    def forward(ctx, flat: Tensor, keys: Tensor, values: Tensor, hidden: int) -> Tensor:
+        surprise, gflat = surprise_and_gradient(keys, values, flat, hidden)
         ctx.save_for_backward(gflat)
-        gradient.append(gflat)
         return surprise
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor):
         (gflat,) = ctx.saved_tensors
-        return gflat * g[:, None], None, None, None, None
+        return gflat * g[:, None], None, None, None
 
 
 def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,

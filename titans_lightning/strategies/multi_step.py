@@ -45,7 +45,7 @@ def init_memory_state(memory, emb_dim):
 
 
 def compute_surprise(memory, keys, values):
-    vars(memory)[CHUNK] = (keys, values)
+    setattr(memory, CHUNK, (keys, values))  # on the memory itself, for apply_update
     return titans_default.compute_surprise(memory, keys, values)
 
 
@@ -67,15 +67,10 @@ def surprise_gradient(memory, w, keys, values):
     keep_graph = torch.is_grad_enabled()
     if not keep_graph:
         keys, values = keys.detach(), values.detach()
-    current = memory.fast_weights
     with torch.enable_grad():
         leaf = w if keep_graph and w.requires_grad else w.detach().requires_grad_(True)
-        memory.fast_weights = leaf  # the surprise reads the memory's weights
-        try:
-            surprise = titans_default.compute_surprise(memory, keys, values)  # (S,)
-            (g,) = torch.autograd.grad(surprise.sum(), [leaf], create_graph=keep_graph)
-        finally:
-            memory.fast_weights = current
+        surprise = titans_default.compute_surprise(memory.at(leaf), keys, values)  # (S,)
+        (g,) = torch.autograd.grad(surprise.sum(), [leaf], create_graph=keep_graph)
     if memory.reduce is not None:
         surprise, g = memory.reduce(surprise, g, keys.shape[1])
     return g
