@@ -69,6 +69,20 @@ def recall_error(keys: Tensor, values: Tensor, flat: Tensor, layout: FlatLayout,
     return (forward(keys, flat, layout) - values).pow(2).sum((1, 2)) / values.shape[1]  # (S,)
 
 
+def recall_error_and_gradient(keys: Tensor, values: Tensor, flat: Tensor, layout: FlatLayout
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`recall_error` (S,) and its gradient with respect to ``flat`` (S, n), without a
+    graph (for an update whose outer gradient is not needed)."""
+    if layout.num_layers == 2:
+        return kernels.recall_error_and_gradient(keys, values, flat)
+    keys, values = keys.detach(), values.detach()
+    with torch.enable_grad():
+        leaf = flat.detach().requires_grad_(True)
+        surprise = recall_error(keys, values, leaf, layout, False)
+        (gradient,) = torch.autograd.grad(surprise.sum(), [leaf])
+    return surprise.detach(), gradient
+
+
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """Per-slot ``x @ w.T + b``: (S, R, i), (S, o, i), (S, o) -> (S, R, o)."""
     if x.shape[0] == 1:  # one shared slot: a plain matrix product is cheaper

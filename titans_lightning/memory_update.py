@@ -23,7 +23,8 @@ from torch import Tensor
 
 from . import kernels
 from .contract import StrategyError, probing
-from .memory_network import FlatViews
+from .memory_network import FlatViews, recall_error_and_gradient
+from .strategies import titans_default
 
 if TYPE_CHECKING:
     from .memory import NeuralMemory
@@ -88,6 +89,8 @@ def _surprise_and_grads(memory: NeuralMemory, x: Tensor, old: Tensor) -> tuple[T
     """The strategy's surprise (S,) at the weights ``old`` and its gradient with respect to them
     (S, n); with its graph for a differentiable rule while training."""
     keep_graph = memory.differentiable and torch.is_grad_enabled()
+    if not keep_graph and memory.strategy.compute_surprise is titans_default.compute_surprise:
+        return _recall_error_and_gradient(memory, x, old)
     with torch.enable_grad():
         keys, values = _keys_values(memory, x)
         leaf = old if keep_graph and old.requires_grad else old.detach().requires_grad_(True)
@@ -105,6 +108,16 @@ def _surprise_and_grads(memory: NeuralMemory, x: Tensor, old: Tensor) -> tuple[T
                                        create_graph=keep_graph)
     grads = torch.zeros_like(old) if grads is None else grads
     return (surprise, grads) if keep_graph else (surprise.detach(), grads)
+
+
+def _recall_error_and_gradient(memory: NeuralMemory, x: Tensor, old: Tensor
+                               ) -> tuple[Tensor, Tensor]:
+    """The surprise and its gradient for a rule whose surprise is the reference's recall error
+    (titans_default's ``compute_surprise``, which most built-in rules share), when no graph is
+    kept: one functional call on the weights, where the CPU kernel computes both in one pass."""
+    with torch.enable_grad():
+        keys, values = _keys_values(memory, x)
+    return recall_error_and_gradient(keys, values, old, memory.layout)
 
 
 def _keys_values(memory: NeuralMemory, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ MEMORY_WIDTHS = (16, 32)  # the memory kernels' d (csrc/memory_mlp.cpp)
 MEMORY_HIDDEN = (16, 32, 64)  # and h
 
 __all__ = ["attention", "add_norm", "feed_forward_add_norm", "mac_query", "keys_values",
-           "memory_mlp", "recall_error", "commit_update", "all_finite", "dropout_draws",
+           "memory_mlp", "recall_error", "recall_error_and_gradient", "commit_update", "all_finite", "dropout_draws",
            "why_not", "available"]
 
 
@@ -140,6 +140,21 @@ def recall_error(keys: Tensor, values: Tensor, flat: Tensor, twice_differentiabl
     if _runs_on_kernel("recall_error", keys, values, flat, twice_differentiable):
         return cpu.recall_error(keys, values, flat, reference.hidden_width(flat, keys.shape[-1]))
     return (memory_mlp(keys, flat) - values).pow(2).sum((1, 2)) / values.shape[1]
+
+
+def recall_error_and_gradient(keys: Tensor, values: Tensor, flat: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+    """:func:`recall_error` (S,) and its gradient with respect to ``flat`` (S, n), of the
+    surprises' sum, without a graph: one call on the CPU kernel, PyTorch's autograd otherwise."""
+    keys, values, flat = keys.detach(), values.detach(), flat.detach()
+    if _runs_on_kernel("recall_error", keys, values, flat):
+        return cpu.surprise_and_gradient(keys, values, flat,
+                                         reference.hidden_width(flat, keys.shape[-1]))
+    with torch.enable_grad():
+        leaf = flat.requires_grad_(True)
+        surprise = recall_error(keys, values, leaf)
+        (gradient,) = torch.autograd.grad(surprise.sum(), [leaf])
+    return surprise.detach(), gradient
 
 
 def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,
