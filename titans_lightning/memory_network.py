@@ -42,12 +42,12 @@ class FlatLayout:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """(S, n) -> ``{name: (S, ...)}`` views, in ``names`` order."""
-        return FlatViews(flat, self.names, self.shapes, self.sizes)
+        parts = flat.split(self.sizes, dim=1)
+        return {n: p.view(flat.shape[0], *shape)
+                for n, p, shape in zip(self.names, parts, self.shapes)}
 
     def flatten(self, weights: dict[str, Tensor]) -> Tensor:
         """``{name: (S, ...)}`` -> one (S, n) tensor (a rule can then work on it whole)."""
-        if isinstance(weights, FlatViews) and weights.unchanged():
-            return weights.flat  # the views of one unflatten: no copy
         return torch.cat([weights[n].reshape(weights[n].shape[0], -1)
                           for n in self.names], dim=1)  # (S, n)
 
@@ -88,51 +88,3 @@ def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     if x.shape[0] == 1:  # one shared slot: a plain matrix product is cheaper
         return torch.addmm(b[0], x[0], w[0].T).unsqueeze(0)
     return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-
-
-class FlatViews(dict):
-    """The dict :meth:`FlatLayout.unflatten` returns. It remembers the flat tensor it views, so
-    that flattening it again (the usual round trip of a rule) costs nothing, and makes the views
-    only when it is first read: a rule that flattens it straight away never pays for them."""
-
-    def __init__(self, flat: Tensor, names: tuple[str, ...], shapes: list[tuple[int, ...]],
-                 sizes: list[int]):
-        super().__init__()
-        self.flat = flat
-        self._recipe: tuple | None = (names, shapes, sizes)  # None once the views exist
-        self._views: tuple[Tensor, ...] = ()
-        self._grad_mode = torch.is_grad_enabled()  # the views behave as if made now
-
-    def _make_views(self) -> None:
-        if self.__dict__.get("_recipe") is None:  # made, or being unpickled (items come first)
-            return
-        names, shapes, sizes = self._recipe
-        self._recipe = None
-        with torch.set_grad_enabled(self._grad_mode):
-            parts = self.flat.split(sizes, dim=1)
-            dict.update(self, {n: p.view(self.flat.shape[0], *shape)
-                               for n, p, shape in zip(names, parts, shapes)})
-        self._views = tuple(dict.values(self))
-
-    def unchanged(self) -> bool:
-        """Still exactly the views it was made with (a rule may replace entries)."""
-        if self._recipe is not None:
-            return True
-        return len(self) == len(self._views) and all(
-            a is b for a, b in zip(dict.values(self), self._views))
-
-
-def _reading_makes_views(method):
-    def read(self, *args, **kwargs):
-        for views in (self, *args):  # the other operand of ==, |, update too
-            if isinstance(views, FlatViews):
-                views._make_views()
-        return method(self, *args, **kwargs)
-    return read
-
-
-for _name in ("__getitem__", "__iter__", "__len__", "__contains__", "__repr__", "__eq__",
-              "__ne__", "__or__", "__ror__", "__ior__", "__reversed__", "__setitem__",
-              "__delitem__", "__reduce_ex__", "keys", "values", "items", "get", "copy", "pop",
-              "popitem", "setdefault", "update", "clear"):
-    setattr(FlatViews, _name, _reading_makes_views(getattr(dict, _name)))

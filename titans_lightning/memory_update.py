@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import kernels
 from .contract import StrategyError, probing
-from .memory_network import FlatViews, recall_error_and_gradient
+from .memory_network import recall_error_and_gradient
 from .strategies import titans_default
 
 if TYPE_CHECKING:
@@ -151,12 +151,11 @@ def _apply_update(memory: NeuralMemory, grads: Tensor, surprise: Tensor) -> Tens
     if missing:
         raise broke(memory, "apply_update", f"returned no weight(s) {missing}; it must return "
                     f"every weight of {list(names)}")
-    if not (isinstance(new, FlatViews) and new.unchanged()):
-        for name, shape in zip(names, shapes):
-            got = tuple(getattr(new[name], "shape", ()))
-            if got != (memory.n_slots, *shape):
-                raise broke(memory, "apply_update", f"returned {name!r} of shape {got}, "
-                            f"expected {(memory.n_slots, *shape)} (slots first)")
+    for name, shape in zip(names, shapes):
+        got = tuple(getattr(new[name], "shape", ()))
+        if got != (memory.n_slots, *shape):
+            raise broke(memory, "apply_update", f"returned {name!r} of shape {got}, expected "
+                        f"{(memory.n_slots, *shape)} (slots first)")
     return memory.flatten(new)
 
 
