@@ -97,7 +97,7 @@ class StrategyState(Mapping[str, Tensor]):
             raise KeyError(f"strategy state {name!r} is learnable; the outer optimiser owns it")
         if not isinstance(value, Tensor):
             raise TypeError(f"strategy state {name!r} must be a tensor, got {type(value).__name__}")
-        self._holder._buffers[name] = value  # what setattr does for a buffer, without its checks
+        setattr(self._holder, name, value)
 
     def __contains__(self, name: object) -> bool:
         return name in self._holder._buffers or name in self._holder._parameters

@@ -44,7 +44,7 @@ def update_memory(memory: NeuralMemory, x: Tensor) -> Tensor:
                                      memory.skipped_updates)
     if memory.differentiable and torch.is_grad_enabled() and not bool(ok.all()):
         ok, kept = _redo_without_skipped(memory, x, old, old_state, ok)
-    memory._buffers["fast_weights"] = kept  # what setattr does for a buffer, without its checks
+    memory.fast_weights = kept
     _commit_state(memory, old_state, ok)
     memory.update_log.record(surprise, grads, old, kept, ok, memory._gate)
     return surprise
@@ -76,7 +76,8 @@ def _redo_without_skipped(memory: NeuralMemory, x: Tensor, old: Tensor,
     start). The redone branch is finite, so the kept slots' gradients are exact. Costs one host
     synchronisation per update, only for differentiable rules while training.
     """
-    memory.strategy_state._buffers.update(old_state)
+    for name, value in old_state.items():
+        setattr(memory.strategy_state, name, value)
     x = torch.where(_expand(ok, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
     surprise, grads, new = _compute(memory, x, old, old_state)
     check = _detached(surprise) + _state_flag(memory, old_state)
@@ -179,12 +180,11 @@ def _state_flag(memory: NeuralMemory, old_state: dict[str, Tensor]) -> Tensor | 
 
 
 def _commit_state(memory: NeuralMemory, old_state: dict[str, Tensor], ok: Tensor) -> None:
-    buffers = memory.strategy_state._buffers
     for name, old in old_state.items():
-        new = buffers[name]
+        new = memory.strategy_state._buffers[name]
         if new is not old:
             keep = _expand(ok, new) if name in memory.per_slot_state else ok.all()
-            buffers[name] = torch.where(keep, new, old)
+            setattr(memory.strategy_state, name, torch.where(keep, new, old))
 
 
 def call(memory: NeuralMemory, name: str, *args: Any, at: Tensor | None = None) -> Any:
