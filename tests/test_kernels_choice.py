@@ -141,7 +141,7 @@ def test_the_memory_kernel_refuses_the_widths_the_choice_refuses(d, h):
     if kernels.why_not("memory_mlp", q, flat):
         with pytest.raises(cpu.KernelError, match="titans_mlp_forward does not take these"):
             cpu.memory_forward(q, flat, h, keep=False)
-        with pytest.raises(cpu.KernelError, match="titans_mlp_recall"):
+        with pytest.raises(cpu.KernelError, match="titans_mlp_surprise_and_gradient"):
             cpu.surprise_and_gradient(q, q, flat, h)
     else:
         cpu.memory_forward(q, flat, h, keep=False)

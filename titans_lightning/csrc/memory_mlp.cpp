@@ -203,8 +203,9 @@ void backward_slots(const float* q, const float* flat, const float* a, const flo
 // The reference surprise sum_features mean_rows (M(q) - v)^2 of each slot (S) and its gradient
 // with respect to the slot's flat weights (S, n): forward, error and backward in one pass.
 template <int dv, int hv>
-void recall_slots(const float* q, const float* values, const float* flat, int64_t S, int64_t R,
-                  float* surprise, float* gflat, int threads) {
+void surprise_and_gradient_slots(const float* q, const float* values, const float* flat,
+                                 int64_t S, int64_t R, float* surprise, float* gflat,
+                                 int threads) {
   constexpr int64_t d = dv * V, h = hv * V, n = 2 * h * d + h + d;
   std::unique_ptr<float[]> a(new float[R * h]), s(new float[R * h]), sig(new float[R * h]),
       g(new float[R * d]), ga(new float[R * h]);
@@ -298,12 +299,12 @@ int titans_mlp_backward(const float* q, const float* flat, const float* a, const
 // surprise (S) = sum_features mean_rows (M(q) - values)^2 per slot, for q and values (S, R, d),
 // and its gradient with respect to the flat weights, gflat (S, n); from 512 rows on, on up to
 // `threads` threads. R must be at least 1 (a mean over rows).
-int titans_mlp_recall(const float* q, const float* values, const float* flat, int64_t S,
-                      int64_t R, int64_t d, int64_t h, float* surprise, float* gflat,
-                      int threads) {
+int titans_mlp_surprise_and_gradient(const float* q, const float* values, const float* flat,
+                                     int64_t S, int64_t R, int64_t d, int64_t h, float* surprise,
+                                     float* gflat, int threads) {
   if (S < 0 || R < 1) return kUnsupportedSize;
   return guarded([&] {
-    TITANS_DISPATCH(recall_slots, d, h, q, values, flat, S, R, surprise, gflat,
+    TITANS_DISPATCH(surprise_and_gradient_slots, d, h, q, values, flat, S, R, surprise, gflat,
                     threads < 1 ? 1 : threads)
   });
 }

@@ -46,7 +46,7 @@ SIGNATURES = {  # every function returns a status (csrc/status.h)
     "titans_keys_values_forward": [_P, _P, _P, _I64, _P, _P, _INT],
     "titans_mlp_forward": [_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT],
     "titans_mlp_backward": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P],
-    "titans_mlp_recall": [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
+    "titans_mlp_surprise_and_gradient": [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "titans_memory_commit": [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P],
 }
 

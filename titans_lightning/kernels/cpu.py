@@ -322,8 +322,9 @@ def surprise_and_gradient(keys: Tensor, values: Tensor, flat: Tensor, hidden: in
     keys, values, flat = _plain(keys), _plain(values), _plain(flat)
     S, R, d = keys.shape
     surprise, gflat = keys.new_empty(S), torch.empty_like(flat)
-    _call("titans_mlp_recall", keys.data_ptr(), values.data_ptr(), flat.data_ptr(), S, R, d,
-          hidden, surprise.data_ptr(), gflat.data_ptr(), torch.get_num_threads())
+    _call("titans_mlp_surprise_and_gradient", keys.data_ptr(), values.data_ptr(),
+          flat.data_ptr(), S, R, d, hidden, surprise.data_ptr(), gflat.data_ptr(),
+          torch.get_num_threads())
     return surprise, gflat
 
 
