@@ -4,11 +4,12 @@
     python examples/python_api.py --fast         # a tiny model on tiny data: seconds
     python examples/python_api.py --weather-csv path/to/Turbine_Data.csv   # the weather model too
 
-Each model is trained into ``--out`` as ``titans fit`` would (``<out>/<name>/version_N/``: the
-TensorBoard events and ``checkpoints/``), and its test split's predictions are written beside
-them as ``predictions_python.csv``: the rows ``titans predict`` writes to ``predictions.csv``,
-plus a ``timestamp`` for weather. Predictions are in the units the model was trained in; the
-weather data is z-normalised, and the example turns its predictions back into the CSV's units.
+Each model is trained into ``--out`` as ``titans fit`` would, in Lightning's own run folder
+(``<out>/<name>/version_N/``: the TensorBoard events and ``checkpoints/``), and its test split's
+predictions are written beside them as ``predictions_python.csv``: the rows ``titans predict``
+writes to ``predictions.csv``, with a ``timestamp`` for weather. Predictions are in the units
+the model was trained in; the weather data is z-normalised, and the example turns its
+predictions back into the CSV's units.
 """
 from __future__ import annotations
 

@@ -46,6 +46,9 @@ def test_a_screening_run_writes_its_record_apart_skips_when_done_and_renders(tmp
     assert record["status"] == "ok" and record["label"] == "tiny"
     assert record["seed"] == 3 and record["config"]["seed_everything"] == 3
     assert record["config"]["data"]["init_args"]["data_dir"] == str(SHARED.resolve() / "sinwave")
+    loggers = record["config"]["trainer"]["logger"]  # the base config's, named after sinwave.yaml
+    assert {(lg["init_args"]["save_dir"], lg["init_args"]["name"]) for lg in loggers} == \
+        {(str(tmp_path / "runs" / "tiny" / name), "sinwave")}
     assert record["fit_args"][1:3] == ["--config", str(REPO / "configs" / "sinwave.yaml")]
     assert record["fit_args"][0] == "fit" and record["fit_args"][-len(TINY) - 1:-1] == TINY
     assert record["extra_args"] == [*TINY, "--trainer.max_epochs=2"]
@@ -86,9 +89,10 @@ def test_a_run_killed_mid_epoch_resumes_in_its_folder_and_counts_both_attempts(t
     (killed,) = (tmp_path / "killed_run" / "screening" / "tiny").glob("*.json")
     straight, killed = json.loads(straight.read_text()), json.loads(killed.read_text())
     assert [a["exit"] for a in killed["attempts"]] == [-9, 0]
-    assert killed["attempts"][1]["resumed_from"].endswith("version_0/checkpoints/last.ckpt")
+    run = "version_0-titans_default-shared-reference-seed3"
+    assert killed["attempts"][1]["resumed_from"].endswith(f"{run}/checkpoints/last.ckpt")
     runs = list((tmp_path / "killed_run" / "runs").glob("tiny/*/sinwave/version_*"))
-    assert [p.name for p in runs] == ["version_0"]
+    assert [p.name for p in runs] == [run]
     assert killed["wall_s"] == pytest.approx(sum(a["wall_s"] for a in killed["attempts"]), abs=0.2)
     for key in ("best_epoch", "val_mse", "test_mse"):
         assert killed[key] == pytest.approx(straight[key], rel=1e-6), key
@@ -121,8 +125,9 @@ def test_resume_picks_the_newest_last_checkpoint(tmp_path):
     import os
     import time
 
-    old = tmp_path / "sinwave" / "version_0" / "checkpoints" / "last.ckpt"
-    new = tmp_path / "sinwave" / "version_1" / "checkpoints" / "last.ckpt"
+    old = tmp_path / "sinwave" / "version_0" / "checkpoints" / "last.ckpt"  # named the old way
+    new = tmp_path / "sinwave" / "version_1-titans_default-shared-reference-seed0" / \
+        "checkpoints" / "last.ckpt"
     for i, path in enumerate((old, new)):
         path.parent.mkdir(parents=True)
         path.write_text("x")

@@ -56,8 +56,9 @@ def test_benchmark_config_fits_an_epoch_and_records_the_result(name, config_args
           "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
           "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2"])
 
-    (path,) = in_tmp.glob("logs/*/version_0/result.json")
+    (path,) = in_tmp.glob("logs/*/version_0-*/result.json")
     assert path.parent.parent.name == name.removesuffix(".yaml")
+    assert path.parent.name == "version_0-titans_default-shared-reference-seed0"
     result = json.loads(path.read_text())
     assert set(result) == RESULT_KEYS
     assert math.isfinite(result["test_mse"]) and math.isfinite(result["val_mse"])
@@ -79,8 +80,8 @@ def fit_tiny(args: list[str], *extra: str) -> TitansCLI:
 def test_fit_twice_into_the_same_log_folder(tiny_sinwave, in_tmp):
     first = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2")
     second = fit_tiny(tiny_sinwave, "--trainer.limit_train_batches", "2")
-    assert Path(first.trainer.log_dir).name == "version_0"
-    assert Path(second.trainer.log_dir).name == "version_1"
+    assert Path(first.trainer.log_dir).name == "version_0-titans_default-shared-reference-seed0"
+    assert Path(second.trainer.log_dir).name == "version_1-titans_default-shared-reference-seed0"
     for cli in (first, second):
         assert (Path(cli.trainer.log_dir) / "result.json").is_file()
         assert Path(cli.trainer.checkpoint_callback.last_model_path).parent.parent == \
@@ -235,7 +236,7 @@ def test_test_and_predict_write_into_the_checkpoints_run_folder(tiny_sinwave, in
     tested = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt])
     TitansCLI(["predict", *tiny_sinwave, "--ckpt_path", ckpt])
     assert Path(tested.trainer.log_dir) == run
-    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no new version_N
+    assert sorted(p.name for p in run.parent.iterdir()) == [run.name]  # no new run folder
     assert (run / "config.yaml").read_text() == fit_config  # the fit's, kept
     assert (run / "config_test.yaml").is_file() and (run / "predictions.csv").is_file()
     scores = json.loads((run / "test.json").read_text())

@@ -17,8 +17,8 @@ def test_a_nan_training_loss_stops_the_run_naming_the_likely_cause(tiny_sinwave,
     message = str(info.value)
     assert "training loss became NaN or infinite at step" in message
     assert "'theta': 50" in message and "smaller step size" in message
-    assert not list(in_tmp.glob("logs/sinwave/version_0/checkpoints/*.ckpt"))
-    assert not list(in_tmp.glob("logs/sinwave/version_0/result.json"))
+    assert not list(in_tmp.glob("logs/sinwave/version_*/checkpoints/*.ckpt"))
+    assert not list(in_tmp.glob("logs/sinwave/version_*/result.json"))
 
 
 def test_result_files_are_strict_json_with_a_status(tmp_path):

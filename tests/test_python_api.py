@@ -191,6 +191,31 @@ def test_weather_predictions_have_the_csvs_times_and_units_back(turbine_csv):
                                data.datasets["test"].inputs[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_titans_predict_on_the_csv_gives_each_row_its_targets_time(turbine_csv, in_tmp):
+    with pytest.warns(UserWarning, match="scores an untrained model"):
+        cli = TitansCLI(["predict", "--config", str(REPO / "configs" / "weather.yaml"),
+                         "--data.init_args.data_dir", "null",
+                         "--data.init_args.csv_path", str(turbine_csv),
+                         "--model.dim_feedforward", "8", "--trainer.limit_predict_batches", "1",
+                         "--trainer.enable_progress_bar", "false"])
+    path = Path(cli.trainer.log_dir) / "predictions.csv"
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["sequence", "position", "prediction", "target", "valid",
+                                   "timestamp"]
+    assert len(frame) == 499  # the test split: one window of 500 steps
+    assert path.read_text().splitlines()[1].endswith("+00:00")  # UTC, ISO 8601
+    # the row of position p has the time of step p, the step whose value it predicts
+    times = pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601")
+    steps = pd.DatetimeIndex(cli.datamodule.timestamps("test")[0]).tz_localize("UTC")
+    assert (times == steps[frame["position"].to_numpy()]).all()
+    raw = pd.read_csv(turbine_csv).rename(columns={"Unnamed: 0": "timestamp"})
+    raw["timestamp"] = pd.to_datetime(raw["timestamp"], utc=True, format="ISO8601")
+    power = target_normalisation(cli.datamodule)
+    at = pd.DataFrame({"timestamp": times, "target": frame["target"]}).merge(
+        raw, on="timestamp", how="left", validate="one_to_one")
+    np.testing.assert_allclose(power.denormalise(at["target"]), at[TARGET], rtol=1e-5, atol=1e-3)
+
+
 def test_only_the_csv_path_knows_its_normalisation_and_times(tmp_path):
     assert target_normalisation(SinwaveDataModule()) is None  # the waves are not normalised
     prepared = WeatherDataModule(data_dir=str(tmp_path))

@@ -14,6 +14,7 @@ import torch
 from titans_lightning.cli import TitansCLI
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RUN = "titans_default-shared-reference-seed0"  # the tiny sinwave run's folder, after N
 FIVE_EPOCHS = ["--trainer.max_epochs", "5"]  # tiny run: best val/mse at epoch 2, then worse
 
 
@@ -72,14 +73,14 @@ def test_a_killed_fit_resumes_in_its_folder_and_reports_what_an_uninterrupted_on
 
     run = killed_fit([*tiny_sinwave, *FIVE_EPOCHS], kill)  # version_1, killed
     assert run.returncode == -9, run.stderr[-2000:]
-    folder = in_tmp / "logs" / "sinwave" / "version_1"
+    folder = in_tmp / "logs" / "sinwave" / f"version_1-{DEFAULT_RUN}"
     assert not (folder / "result.json").exists()
     resumed_cli = TitansCLI(["fit", *tiny_sinwave, *FIVE_EPOCHS,
                              "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
 
     assert Path(resumed_cli.trainer.log_dir).resolve() == folder.resolve()
     assert sorted(p.name for p in (in_tmp / "logs" / "sinwave").iterdir()) == \
-        ["version_0", "version_1"]
+        [f"version_0-{DEFAULT_RUN}", f"version_1-{DEFAULT_RUN}"]
     resumed = result_of(resumed_cli)
     assert resumed["best_epoch"] == straight["best_epoch"]
     assert resumed["val_mse"] == pytest.approx(straight["val_mse"], rel=1e-6)
@@ -93,10 +94,11 @@ def test_a_killed_fit_resumes_in_its_folder_and_reports_what_an_uninterrupted_on
 def test_a_resume_finds_its_best_score_after_the_run_folder_moved(tiny_sinwave, in_tmp):
     TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "3"])
     (in_tmp / "logs").rename(in_tmp / "moved")
+    run = f"moved/sinwave/version_0-{DEFAULT_RUN}"
     cli = TitansCLI(["fit", *tiny_sinwave, *FIVE_EPOCHS, "--ckpt_path",
-                     "moved/sinwave/version_0/checkpoints/last.ckpt"])
+                     f"{run}/checkpoints/last.ckpt"])
     callback = cli.trainer.checkpoint_callback
-    assert Path(callback.dirpath).resolve() == (in_tmp / "moved/sinwave/version_0/checkpoints")
+    assert Path(callback.dirpath).resolve() == (in_tmp / run / "checkpoints")
     assert result_of(cli)["best_epoch"] == 2
     assert Path(callback.best_model_path).parent == Path(callback.dirpath)
 
@@ -108,7 +110,7 @@ def test_a_checkpoint_outside_a_run_folder_resumes_into_a_new_one(tiny_sinwave, 
     with pytest.warns(UserWarning, match="this run logs to a new run folder"):
         cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
                          "--ckpt_path", str(loose)])
-    assert Path(cli.trainer.log_dir).name == "version_1"
+    assert Path(cli.trainer.log_dir).name == f"version_1-{DEFAULT_RUN}"
     assert result_of(cli)["status"] == "ok"
 
 
@@ -126,7 +128,7 @@ def test_resume_matrix_killed_mid_epoch(tiny_sinwave, in_tmp, setting):
     straight = result_of(straight_cli)
     run = killed_fit(args, '{"step": 6}')  # epoch 1, batch 2
     assert run.returncode == -9, run.stderr[-2000:]
-    folder = in_tmp / "logs" / "sinwave" / "version_1"
+    (folder,) = (in_tmp / "logs" / "sinwave").glob("version_1-*")  # named by the setting
     resumed_cli = TitansCLI(["fit", *args, "--ckpt_path",
                              str(folder / "checkpoints" / "last.ckpt")])
     resumed = result_of(resumed_cli)

@@ -8,9 +8,10 @@
 Each run is `titans fit` with the benchmark's config on the published arrays, in its own
 process, working in its own folder runs/RUN/; it prints a line per epoch (epoch, val MSE, ETA),
 prefixed with the run's name. When it finishes, its record goes to results/RUN.json (a
-full-protocol run) and holds the run's result.json plus the exact `titans fit` arguments, every
-attempt and the wall time of all of them. Runs whose record exists are skipped; a run
-interrupted after a checkpoint resumes from its last.ckpt in the same folder. Afterwards (or
+full-protocol run) and holds the run's result.json (whose config is the whole resolved one, the
+package's base config included) plus the exact `titans fit` arguments, every attempt and the
+wall time of all of them. Runs whose record exists are skipped; a run interrupted after a
+checkpoint resumes from its last.ckpt in the same folder. Afterwards (or
 with --render alone) the records are tabled: RESULTS.md, with mean +- sample std and the count
 of seeds per cell, and results.csv and screening.csv, one row per record.
 

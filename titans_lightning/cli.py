@@ -1,9 +1,12 @@
 """The ``titans`` command: LightningCLI over :class:`TitansForecaster` and any datamodule.
 
     titans fit --config configs/sinwave.yaml      # train, then test the best checkpoint
-    titans test --config configs/sinwave.yaml --ckpt_path logs/sinwave/version_0/checkpoints/last.ckpt
+    titans test --config configs/sinwave.yaml --ckpt_path RUN/checkpoints/last.ckpt
     titans predict --config configs/sinwave.yaml --ckpt_path PATH   # writes predictions.csv
 
+A new run gets its own folder, named by its number and what it runs, e.g.
+``RUN = logs/sinwave/version_0-titans_default-shared-reference-seed0`` (strategy, memory scope,
+MAC order, seed; :mod:`titans_lightning.run_names`), unless the logger's version is given.
 ``fit`` ends by testing the best-validation checkpoint and writing ``result.json`` into the run's
 log directory (keys in :mod:`titans_lightning.results`). ``fit --ckpt_path RUN/checkpoints/X.ckpt``
 resumes that run: it continues in the same folder ``RUN`` (same logger version), with the
@@ -41,6 +44,7 @@ import datamodules  # noqa: F401  (so that --help lists the shipped datamodules)
 
 from . import __version__
 from .module import TitansForecaster
+from .run_names import new_run_version
 from .strategy import strategy_source
 from .results import (TEST_FILE, AtomicCheckpointIO, PredictionWriter, device_name, git_commit,
                       write_result)
@@ -49,6 +53,8 @@ from .results import (TEST_FILE, AtomicCheckpointIO, PredictionWriter, device_na
 # sanity check is off because it would run the memory on validation data before training.
 TRAINER_DEFAULTS = {"inference_mode": False, "num_sanity_val_steps": 0,
                     "use_distributed_sampler": False}  # on several devices: see distributed.py
+# What the benchmark configs share (seed, loggers, callbacks): every subcommand reads it first.
+BASE_CONFIG = Path(__file__).with_name("base.yaml")
 
 
 class RunConfig(SaveConfigCallback):
@@ -81,6 +87,7 @@ class TitansCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.default_config_files = [str(BASE_CONFIG)]  # before any --config
         parser.link_arguments("data.input_dim", "model.input_dim", apply_on="instantiate")
         parser.link_arguments("data.output_dim", "model.output_dim", apply_on="instantiate")
         parser.link_arguments("model.context_window", "data.init_args.context_window",
@@ -141,9 +148,11 @@ class TitansCLI(LightningCLI):
             raise ValueError(
                 f"--model.lr {config.model.lr} would be ignored: --optimizer replaces the "
                 "module's Adam; give the learning rate as --optimizer.lr instead")
+        name_run_after_config(config)
         share_run_folder(config)
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
+        name_new_run_folder(config)  # a folder that neither the user nor a checkpoint chose
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before its first step leaves no run folder of its own."""
@@ -169,8 +178,8 @@ class TitansCLI(LightningCLI):
             raise ValueError(
                 f"the run folder {folder} already holds a run; a new fit would overwrite its "
                 "config.yaml, result.json and checkpoints. Leave the logger's version unset "
-                "(each fit then gets a new version_N), choose another one, or resume that run "
-                f"with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}")
+                "(each fit then gets a new numbered folder), choose another one, or resume that "
+                f"run with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}")
         if self.trainer.progress_bar_callback is None:
             self.trainer.callbacks.append(EpochLine())
 
@@ -341,6 +350,20 @@ def logger_save_dirs(config: Any) -> list[str]:
 FOLDER_LOGGERS = (TensorBoardLogger, CSVLogger)  # those writing into save_dir/name/version
 
 
+def name_run_after_config(config: Any) -> None:
+    """Give the TensorBoard and CSV loggers of a parsed config whose ``name`` is null (the base
+    config's) the file name of the last ``--config``: ``configs/sinwave.yaml`` runs in
+    ``logs/sinwave/``. A name from a config or the command line is kept; without a config file,
+    runs go straight into ``save_dir``."""
+    files = [f for f in config.get("config") or [] if f is not None]
+    loggers = config.trainer.logger
+    if not files:
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if writes_run_folder(logger) and logger.init_args.get("name") is None:
+            logger.init_args.name = Path(str(files[-1])).stem
+
+
 def share_run_folder(config: Any) -> None:
     """Give every TensorBoard and CSV logger of a parsed config the ``save_dir``, ``name`` and
     ``version`` of the last one, so that they write one run folder.
@@ -394,6 +417,29 @@ def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
             init_args.save_dir = str(run.parent.parent)
             init_args.name = run.parent.name
             init_args.version = run.name
+
+
+def name_new_run_folder(config: Any) -> None:
+    """Give the TensorBoard and CSV loggers of a parsed config that have no ``version`` the
+    name of a new run folder, ``version_3-titans_default-shared-reference-seed0`` (see
+    :mod:`titans_lightning.run_names`), so that TensorBoard's run list tells runs apart.
+
+    Runs on a remote ``save_dir`` keep Lightning's own ``version_N``.
+    """
+    loggers = config.trainer.logger
+    unset = [logger for logger in (loggers if isinstance(loggers, list) else [loggers])
+             if writes_run_folder(logger) and logger.init_args.get("version") is None]
+    if not unset:
+        return
+    save_dir, name = unset[-1].init_args.get("save_dir"), unset[-1].init_args.get("name")
+    if save_dir is None or "://" in str(save_dir):
+        return
+    seed = config.get("seed_everything")
+    model = config.model
+    version = new_run_version(Path(save_dir) / (name or ""), model.strategy, model.memory_scope,
+                              model.mac_order, None if isinstance(seed, bool) else seed)
+    for logger in unset:  # one folder: share_run_folder gave them the same save_dir and name
+        logger.init_args.version = version
 
 
 class EpochLine(Callback):
@@ -508,7 +554,8 @@ def warn_without_checkpoint(ckpt_path: str | None, subcommand: str) -> None:
     if not ckpt_path:
         rank_zero_warn(f"`titans {subcommand}` without --ckpt_path scores an untrained model "
                        "(its random initial weights); pass the checkpoint of a fit, e.g. "
-                       "--ckpt_path logs/sinwave/version_0/checkpoints/last.ckpt")
+                       "--ckpt_path logs/sinwave/version_0-titans_default-shared-reference-seed0/"
+                       "checkpoints/last.ckpt")
 
 
 def checkpoint_epoch(path: str) -> int:

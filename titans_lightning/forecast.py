@@ -1,6 +1,6 @@
 """Forecasting from Python: a model (a loaded checkpoint, say) and data in, a DataFrame out.
 
-    model = TitansForecaster.load_from_checkpoint("logs/sinwave/version_0/checkpoints/last.ckpt")
+    model = TitansForecaster.load_from_checkpoint("RUN/checkpoints/last.ckpt")  # RUN: a run folder
     predictions = predict(model, SinwaveDataModule())  # the rows `titans predict` writes
     predictions = forecast(model, data)                # an array or a DataFrame of your own
 
@@ -50,9 +50,8 @@ from datamodules.base import default_input_columns
 from datamodules.dataset import SequenceDataset
 
 from .module import TitansForecaster, restore_buffers
-from .results import PREDICTION_COLUMNS, prediction_rows
+from .results import PREDICTION_COLUMNS, predict_timestamps, prediction_rows, time_at
 
-PREDICT_SPLIT = "test"  # the split the shipped datamodules' predict_dataloader serves
 NOT_CHANNELS = ("sequence", "timestamp")  # DataFrame columns that are not model channels
 
 
@@ -121,8 +120,7 @@ def predict(model: TitansForecaster, datamodule: L.LightningDataModule,
     ``timestamps(split)`` gives the split's times as ``(N, T)`` UTC ``datetime64`` (a
     ``WeatherDataModule`` read from a CSV)."""
     outputs = run_predict(model, trainer, keep_memory, datamodule=datamodule)
-    timestamps_of = getattr(datamodule, "timestamps", None)
-    times = timestamps_of(PREDICT_SPLIT) if callable(timestamps_of) else None
+    times = predict_timestamps(datamodule)
     frame = prediction_frame(outputs, timestamps=times)
     if times is not None:  # numpy's datetimes have no time zone
         frame["timestamp"] = frame["timestamp"].dt.tz_localize("UTC")
@@ -206,14 +204,6 @@ def next_step_rows(output: dict[str, Tensor]) -> pd.DataFrame:
         "target": missing,
         "valid": valid,
     })
-
-
-def time_at(timestamps: np.ndarray, frame: pd.DataFrame) -> pd.Series:
-    """``timestamps[sequence, position]`` per row (``(N, T)``); missing past step T-1."""
-    sequence, position = frame["sequence"].to_numpy(), frame["position"].to_numpy()
-    inside = position < timestamps.shape[1]
-    times = pd.Series(timestamps[sequence, np.minimum(position, timestamps.shape[1] - 1)])
-    return times.where(inside)
 
 
 def as_sequences(data: Any, columns: Sequence[str] | None

@@ -25,7 +25,11 @@ such as ``clip: .inf``) is written as the string ``"inf"``, ``"-inf"`` or ``"nan
 ``predictions.csv`` (written by ``titans predict``): one row per sequence and target position,
 columns ``sequence, position, prediction, target, valid``. ``position`` p is the time step of the
 target; its prediction was made from the inputs up to p-1, and ``valid`` says whether that step
-had a full context window (an invalid row has no prediction).
+had a full context window (an invalid row has no prediction). Where the datamodule knows when
+its steps were recorded (``timestamps(split)``: a ``WeatherDataModule`` read from its CSV), a
+``timestamp`` column follows: the time of step p, the target's (UTC, ISO 8601, as
+``2019-12-20 14:50:00+00:00``). Data without times (the sine waves, prepared ``.npy`` arrays)
+has no such column.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ RESULT_FILE = "result.json"
 TEST_FILE = "test.json"  # written by ``titans test``: its scores, checkpoint, config, commit
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_COLUMNS = ("sequence", "position", "prediction", "target", "valid")
+PREDICT_SPLIT = "test"  # the split the shipped datamodules' predict_dataloader serves
 
 
 def git_commit() -> str | None:
@@ -136,6 +141,22 @@ def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
     })
 
 
+def predict_timestamps(datamodule: Any) -> np.ndarray | None:
+    """When each step of the predict split was recorded, ``(N, T)`` UTC ``datetime64``, where
+    the datamodule's ``timestamps(split)`` knows; None otherwise (no datamodule, no times)."""
+    timestamps_of = getattr(datamodule, "timestamps", None)
+    return timestamps_of(PREDICT_SPLIT) if callable(timestamps_of) else None
+
+
+def time_at(timestamps: np.ndarray, frame: pd.DataFrame) -> pd.Series:
+    """``timestamps[sequence, position]`` per row (``(N, T)``); missing past step T-1."""
+    sequence = frame["sequence"].to_numpy(dtype=np.int64)  # also for a frame without rows
+    position = frame["position"].to_numpy(dtype=np.int64)
+    inside = position < timestamps.shape[1]
+    times = pd.Series(timestamps[sequence, np.minimum(position, timestamps.shape[1] - 1)])
+    return times.where(inside)
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predictions.csv`` (see the module docstring) into the trainer's log directory.
 
@@ -166,5 +187,9 @@ class PredictionWriter(BasePredictionWriter):
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / PREDICTIONS_FILE
         frames = self.frames or [pd.DataFrame(columns=list(PREDICTION_COLUMNS))]
-        pd.concat(frames, ignore_index=True).to_csv(self.path, index=False)
+        frame = pd.concat(frames, ignore_index=True)
+        times = predict_timestamps(trainer.datamodule)
+        if times is not None:  # the target's time; numpy's datetimes have no time zone
+            frame["timestamp"] = time_at(np.asarray(times), frame).dt.tz_localize("UTC")
+        frame.to_csv(self.path, index=False)
         self.frames = []

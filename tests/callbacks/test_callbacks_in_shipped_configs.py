@@ -1,5 +1,5 @@
-"""The shipped configs choose the memory and forecast callbacks and both loggers; a tiny
-`titans fit` logs them into one run folder, which `titans test` then adds to."""
+"""The base config chooses the memory and forecast callbacks and both loggers for every shipped
+config; a tiny `titans fit` logs them into one run folder, which `titans test` then adds to."""
 from __future__ import annotations
 
 import math
@@ -9,31 +9,29 @@ import pandas as pd
 import pytest
 import yaml
 
-from titans_lightning.cli import TitansCLI, main
+from titans_lightning.cli import BASE_CONFIG, TitansCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SHIPPED = ["sinwave.yaml", "weather.yaml", "sinwave_long.yaml"]
 CALLBACKS = ["callbacks.surprise_statistics.SurpriseStatistics", "callbacks.gate_rate.GateRate",
              "callbacks.memory_health.MemoryHealth", "callbacks.memory_profile.MemoryProfile",
              "callbacks.custom_scalars.CustomScalars",
              "callbacks.forecast_figure.ForecastFigure"]
 LOGGERS = ["lightning.pytorch.loggers.TensorBoardLogger", "callbacks.csv_logger.RunCSVLogger"]
+RUN = "titans_default-shared-reference-seed0"  # sinwave.yaml's run folder, after version_N-
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
         "--model.dim_feedforward", "16", "--data.init_args.n_sequences", "20",
         "--data.init_args.seq_len", "60", "--trainer.enable_progress_bar", "false"]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_config_chooses_the_callbacks_and_loggers(name):
-    trainer = yaml.safe_load((CONFIGS / name).read_text())["trainer"]
+def test_the_base_config_chooses_the_callbacks_and_loggers():
+    trainer = yaml.safe_load(BASE_CONFIG.read_text())["trainer"]
     chosen = trainer["callbacks"]
     assert [c["class_path"] for c in chosen[-len(CALLBACKS):]] == CALLBACKS
     assert chosen[-1]["init_args"] == {"sequences": [0, 1, 2]}
     loggers = trainer["logger"]
     assert [lg["class_path"] for lg in loggers] == LOGGERS
-    run = name.removesuffix(".yaml")
-    folder = {"save_dir": "logs", "name": run}
+    folder = {"save_dir": "logs", "name": None}  # the name: the --config file's (the CLI's)
     # TensorBoard's HParams entry is the run's scores, logged after its test: no placeholder
     assert [lg["init_args"] for lg in loggers] == [{**folder, "default_hp_metric": False}, folder]
 
@@ -43,7 +41,7 @@ def test_titans_fit_then_test_log_into_one_run_folder(in_tmp, read_events):
               "--trainer.logger.init_args.save_dir", str(in_tmp / "runs")]
     with pytest.warns(UserWarning, match=r"validation sequences \[2\] were not seen"):
         main(["fit", *config])
-    folder = in_tmp / "runs" / "sinwave" / "version_0"
+    folder = in_tmp / "runs" / "sinwave" / f"version_0-{RUN}"
     fit_rows = len(pd.read_csv(folder / "metrics.csv"))
     main(["test", *config, "--ckpt_path", str(folder / "checkpoints" / "last.ckpt")])
 
@@ -82,7 +80,8 @@ def test_both_loggers_take_the_same_free_version(in_tmp):
     earlier.mkdir(parents=True)
     (earlier / "config.yaml").write_text("")
     loggers = loggers_of(["--trainer.logger.init_args.save_dir", str(in_tmp / "runs")])
-    assert [lg.log_dir for lg in loggers] == [str(in_tmp / "runs" / "sinwave" / "version_1")] * 2
+    assert [lg.log_dir for lg in loggers] == [str(in_tmp / "runs" / "sinwave" /
+                                                  f"version_1-{RUN}")] * 2
 
 
 def test_a_chosen_version_and_name_apply_to_both_loggers(in_tmp):
