@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check in one command: the CUDA tests, then benchmarks/throughput.py on the device,
-# then a one-epoch sinwave fit; everything lands in one folder (default device_check/<time>/).
+# The GPU check in one command: the CUDA tests (the compiled encoder's agreement with the eager
+# one among them), then benchmarks/throughput.py on the device, eager and with the encoder layers
+# compiled (--compile encoder; both runs append to throughput.jsonl), then a one-epoch sinwave
+# fit; everything lands in one folder (default device_check/<time>/).
 #
 #   bash benchmarks/device_check.sh [--out DIR] [--shrink]
 #
-# --shrink runs the same steps on the CPU in a minute or two (1 timed batch, a tiny fit), to
-# check the script itself where there is no GPU. Every step runs even if an earlier one fails;
-# the exit status is 1 if any failed, and summary.txt says which.
+# --shrink runs the same steps on the CPU in a minute or two (1 timed batch, a tiny fit, and
+# torch.compile switched off by TORCH_COMPILE_DISABLE=1: tests/test_compile.py checks inductor
+# on the CPU), to check the script itself where there is no GPU. Every step runs even if an
+# earlier one fails; the exit status is 1 if any failed, and summary.txt says which.
 set -u
 cd "$(dirname "$0")/.."
 out="device_check/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -41,14 +44,19 @@ if [ "$shrink" = 1 ]; then
   device=cpu; batches=(--batches 1 --warmup 0 --threads 1)
   fit=(--model.dim_feedforward 32 --trainer.limit_train_batches 2 --trainer.limit_val_batches 2
        --trainer.limit_test_batches 2 --trainer.accelerator cpu)
+  compile_env=(env TORCH_COMPILE_DISABLE=1)
 else
   device=cuda; batches=(--batches 7 --warmup 2)
   fit=(--trainer.accelerator gpu --trainer.devices 1)
+  compile_env=(env)
 fi
 
-step cuda_tests "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py
+step cuda_tests "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py \
+  "tests/test_compile.py::test_the_compiled_encoder_trains_and_evaluates_as_the_eager_one[cuda]"
 step throughput "$python" benchmarks/throughput.py --device "$device" "${batches[@]}" \
   --out "$out/throughput.jsonl"
+step throughput_compiled "${compile_env[@]}" "$python" benchmarks/throughput.py --device "$device" \
+  "${batches[@]}" --compile encoder --out "$out/throughput.jsonl"
 config="$PWD/configs/sinwave.yaml"
 fit_in_out() { (cd "$out" && "$python" -m titans_lightning.cli fit --config "$config" \
   --trainer.max_epochs 1 --trainer.enable_progress_bar false "${fit[@]}"); }  # logs/ in $out

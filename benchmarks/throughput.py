@@ -1,7 +1,8 @@
 """Seconds per batch of the benchmark MACTitan (batch 4, 500 steps, sinwave shapes).
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
-                                    [--library-encoder | --no-kernels] [--out results.jsonl]
+                                    [--library-encoder | --no-kernels] [--compile encoder]
+                                    [--out results.jsonl]
 
 Times training batches (dropout on, forward + backward + Adam step, the loss that of
 ``TitansForecaster``: ``titans_lightning.module.forecast_loss``) and evaluation batches
@@ -12,6 +13,10 @@ batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
 straightforward implementation) for comparison; ``--no-kernels`` keeps the package's layer but
 switches the CPU kernels off (``TITANS_LIGHTNING_FUSED=0``): every operation on PyTorch.
+``--compile encoder`` runs the encoder layers through ``torch.compile``, as
+``--model.compile encoder`` does (``titans_lightning.module.compile_encoders``); each mode and
+context window then compiles in its first batch, a warm-up batch unless ``--warmup 0`` (the
+run's ``wall_s`` includes it).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from titans_lightning import MACTitan, kernels
 from titans_lightning import model as mac_model
 from titans_lightning.kernels import build
-from titans_lightning.module import forecast_loss
+from titans_lightning.module import COMPILE_TARGETS, compile_encoders, forecast_loss
 from titans_lightning.results import git_commit
 
 
@@ -71,6 +76,8 @@ def main() -> None:
                         help="use nn.TransformerEncoderLayer instead of the package's layer")
     parser.add_argument("--no-kernels", action="store_true",
                         help="switch the CPU kernels off: every operation on the PyTorch path")
+    parser.add_argument("--compile", choices=COMPILE_TARGETS, default="none",
+                        help="run these through torch.compile (as --model.compile)")
     parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -88,6 +95,7 @@ def main() -> None:
     result, every_batch = {}, {}
     for C in (16, 32):
         model = MACTitan(context_window=C).to(device)
+        compile_encoders(model, args.compile)
         for mode, train in (("train", True), ("eval", False)):
             times = time_batches(model, batch, train, args.batches, args.warmup)
             result[f"{mode}_s_per_batch_c{C}"] = round(statistics.median(times), 4)
@@ -99,7 +107,7 @@ def main() -> None:
                "device": _device(device), "threads": args.threads, "seed": 0,
                "batches": args.batches, "warmup": args.warmup,
                "variant": "library-encoder" if args.library_encoder
-               else "no-kernels" if args.no_kernels else "kernels",
+               else "no-kernels" if args.no_kernels else "kernels", "compile": args.compile,
                "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                    timespec="seconds")}

@@ -79,3 +79,14 @@ def test_a_strategy_file_edited_in_place_is_refused(tiny_sinwave, in_tmp):
     rule.write_text(rule.read_text() + "\n# edited\n")  # same path, another rule
     with pytest.raises(ValueError, match="other contents than the checkpoint's rule"):
         TitansCLI(["test", *tiny_sinwave, "--ckpt_path", ckpt, "--model.strategy", str(rule)])
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "validate", "predict"])
+def test_compiling_or_not_may_differ_from_the_checkpoint_for_every_command(subcommand):
+    from titans_lightning.cli import checkpoint_mismatches
+    saved = {"compile": "none", "memory_scope": "shared"}
+    assert checkpoint_mismatches(saved, {"compile": "encoder", "memory_scope": "shared"},
+                                 subcommand, None) == []
+    assert checkpoint_mismatches(saved, {"compile": "encoder", "memory_scope": "per_sequence"},
+                                 subcommand, None) == [
+        "model.memory_scope: checkpoint 'shared', this command 'per_sequence'"]

@@ -18,11 +18,13 @@ def test_the_device_check_runs_every_step_and_writes_one_folder(tmp_path):
                           timeout=900)
     summary = (out / "summary.txt").read_text()
     assert done.returncode == 0, summary + done.stdout + done.stderr
-    for step in ("cuda_tests", "throughput", "fit"):
+    for step in ("cuda_tests", "throughput", "throughput_compiled", "fit"):
         assert f"== {step}:" in summary and (out / f"{step}.log").is_file()
     assert "all steps passed" in summary
-    run = json.loads((out / "throughput.jsonl").read_text().splitlines()[-1])
-    assert run["batches"] == 1 and run["result"]["train_s_per_batch_c16"] > 0
+    runs = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
+    assert [run["compile"] for run in runs] == ["none", "encoder"]  # eager, then compiled
+    for run in runs:
+        assert run["batches"] == 1 and run["result"]["train_s_per_batch_c16"] > 0
     assert json.loads((out / "fit_result.json").read_text())["status"] == "ok"
 
 

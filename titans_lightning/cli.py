@@ -114,8 +114,8 @@ class TitansCLI(LightningCLI):
             raise ValueError(
                 f"the checkpoint {ckpt_path} was made with other settings than this command "
                 "asks for:\n  " + "\n  ".join(problems) + "\nPass the checkpoint's values "
-                "(or a config that has them); only eval_protocol and lr may differ for test, "
-                "validate and predict, and a strategy file may have moved if its contents are "
+                "(or a config that has them); compile may differ, eval_protocol and lr may "
+                "differ for test, validate and predict, and a strategy file may have moved if its contents are "
                 "unchanged.")
         self.checkpoint_hparams = saved
 
@@ -294,6 +294,7 @@ class TitansCLI(LightningCLI):
 # Settings that do not change the trained model or its memory, so a checkpoint may be scored with
 # other values (not resumed: a fit continues exactly as it began).
 MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
+MAY_ALWAYS_DIFFER = {"compile"}  # how the same maths runs: also a resumed fit may change it
 LINKED_FROM_DATA = {"input_dim", "output_dim"}
 
 
@@ -302,7 +303,7 @@ def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,
     """One line per model setting in which the configuration differs from the checkpoint."""
     problems = []
     for key, before in saved.items():
-        if key in LINKED_FROM_DATA or key not in model:
+        if key in LINKED_FROM_DATA or key in MAY_ALWAYS_DIFFER or key not in model:
             continue
         if subcommand != "fit" and key in MAY_DIFFER_WHEN_SCORING:
             continue

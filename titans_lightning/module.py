@@ -36,11 +36,13 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from .distributed import (broadcast_memory, check_ranks_agree, keep_buffers_local, reduce_hook,
                           warn_if_split_is_divided)
+from .encoder import EncoderLayer
 from .model import MACTitan
 from .sampling import RankMajorSampler
 from .strategy import strategy_source
 
 EVAL_PROTOCOLS = ("default", "reference")
+COMPILE_TARGETS = ("none", "encoder")  # what --model.compile runs through torch.compile
 # the outer model may run in half precision; the memory learns in float32 in every one of these
 SUPPORTED_PRECISION = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "bf16-true")
 # float16 weights break Adam: its eps (1e-8) and small squared gradients underflow to 0 there
@@ -100,6 +102,8 @@ class TitansForecaster(L.LightningModule):
             validation/test order is the datamodule's ``shuffle_eval``.
         mac_order: ``reference`` (the published MAC block: the gate reads the memory after it
             stored the window group) or ``causal`` (gate first, then store).
+        compile: ``none`` (eager) or ``encoder``: every encoder layer runs through
+            ``torch.compile`` (see :func:`compile_encoders`); the same model either way.
     """
 
     def __init__(self, strategy: str = "titans_default", strategy_options: dict | None = None,
@@ -107,11 +111,14 @@ class TitansForecaster(L.LightningModule):
                  context_window: int = 16, hidden_dim: int = 16, pm_len: int = 4,
                  num_layers: int = 2, memory_layers: int = 2, memory_hidden: int = 32,
                  nhead: int = 2, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 lr: float = 1e-3, eval_protocol: str = "default", mac_order: str = "reference"):
+                 lr: float = 1e-3, eval_protocol: str = "default", mac_order: str = "reference",
+                 compile: str = "none"):
         super().__init__()
         if eval_protocol not in EVAL_PROTOCOLS:
             raise ValueError(
                 f"eval_protocol must be one of {EVAL_PROTOCOLS}, got {eval_protocol!r}")
+        if compile not in COMPILE_TARGETS:
+            raise ValueError(f"compile must be one of {COMPILE_TARGETS}, got {compile!r}")
         self.save_hyperparameters(ignore=["_instantiator"])  # the CLI's, not a setting
         # the rule's file as it was when the model was built (None for a built-in)
         self.strategy_source = strategy_source(strategy)
@@ -121,6 +128,7 @@ class TitansForecaster(L.LightningModule):
             memory_layers=memory_layers, memory_hidden=memory_hidden, strategy=strategy,
             strategy_options=strategy_options, memory_scope=memory_scope, nhead=nhead,
             dim_feedforward=dim_feedforward, dropout=dropout, mac_order=mac_order)
+        compile_encoders(self.model, compile)
         self.metrics = nn.ModuleDict({
             # every rank scores the whole split itself: summing over ranks would count it twice
             split: MetricCollection({"mse": MeanSquaredError(sync_on_compute=False),
@@ -256,6 +264,7 @@ class TitansForecaster(L.LightningModule):
                 "of them)")
         if self.trainer.world_size > 1:
             keep_buffers_local(self.trainer.strategy)  # before Lightning wraps the model in DDP
+        compile_encoders(self.model, self.hparams.compile)  # again after a spawn (pickled)
 
     def on_fit_start(self) -> None:
         self._attempt_started = time.perf_counter()
@@ -381,6 +390,38 @@ class TitansForecaster(L.LightningModule):
             restore_rng_states(states)
         self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
         follow_checkpoint_folders(self._trainer, checkpoint)
+
+
+def compile_encoders(model: nn.Module, target: str = "encoder") -> None:
+    """Run every encoder layer of ``model`` (the package's or ``nn.TransformerEncoderLayer``)
+    through ``torch.compile`` with its default backend (inductor) when ``target`` is
+    ``"encoder"``; ``"none"`` leaves the model eager.
+
+    ``nn.Module.compile`` compiles in place, so the state dict keeps its keys (wrapping a layer
+    as ``torch.compile(layer)`` would prefix them with ``_orig_mod.``). Pickling drops it
+    (``nn.Module.__getstate__``), so the module calls this again in ``setup``; a layer compiled
+    already is left alone, since compiling it again would recompile it. Nothing is compiled
+    before the first call.
+
+    Why the encoder layer and not the window-group step: the layer is a pure function of its
+    input and parameters, and where it runs on PyTorch's operators off the CPU it traces to one
+    graph, dropout included. The step around it holds the memory harness, which
+    ``torch._dynamo.explain(MACTitan.forward_group)`` (torch 2.13, CPU, titans_default) cuts
+    into 29 graphs: the harness asks ``torch.is_inference_mode_enabled()``, makes a
+    ``requires_grad_`` leaf, calls ``torch.autograd.grad`` and compares the tensors' ``_version``
+    counters (data-dependent); and dynamo fails on the strategy's ``compute_surprise`` with an
+    internal guard error, which stops the run unless errors are suppressed. On the CPU the layer
+    itself breaks at every kernel call (8 graphs per call: the kernels are ctypes calls on
+    ``data_ptr()`` integers, and the dispatch's library lookup reaches ``shutil.which``); with
+    the kernels off, at the chunked feed-forward (``tolist()`` of its chunk bounds) and at the
+    dropout draws (a seed read with ``item()``, NumPy). So it is there for the GPU.
+    """
+    if target == "none":
+        return
+    for layer in model.modules():
+        if isinstance(layer, (EncoderLayer, nn.TransformerEncoderLayer)) \
+                and layer._compiled_call_impl is None:
+            layer.compile()
 
 
 def first_sequence_length(loader: Any) -> int | None:
