@@ -115,8 +115,8 @@ class TitansCLI(LightningCLI):
                 f"the checkpoint {ckpt_path} was made with other settings than this command "
                 "asks for:\n  " + "\n  ".join(problems) + "\nPass the checkpoint's values "
                 "(or a config that has them); compile may differ, eval_protocol and lr may "
-                "differ for test, validate and predict, and a strategy file may have moved if its contents are "
-                "unchanged.")
+                "differ for test, validate and predict, and a strategy file may have moved if "
+                "its contents are unchanged.")
         self.checkpoint_hparams = saved
 
     def after_instantiate_classes(self) -> None:
@@ -357,11 +357,10 @@ def name_run_after_config(config: Any) -> None:
     ``logs/sinwave/``. A name from a config or the command line is kept; without a config file,
     runs go straight into ``save_dir``."""
     files = [f for f in config.get("config") or [] if f is not None]
-    loggers = config.trainer.logger
     if not files:
         return
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        if writes_run_folder(logger) and logger.init_args.get("name") is None:
+    for logger in run_folder_loggers(config):
+        if logger.init_args.get("name") is None:
             logger.init_args.name = Path(str(files[-1])).stem
 
 
@@ -372,13 +371,17 @@ def share_run_folder(config: Any) -> None:
     ``--trainer.logger.init_args.save_dir DIR`` (and ``name``, ``version``) sets these for the
     last logger of a list only; the others follow it.
     """
-    loggers = config.trainer.logger
-    if not isinstance(loggers, list):
-        return
-    sharing = [logger for logger in loggers if writes_run_folder(logger)]
+    sharing = run_folder_loggers(config)
     for logger in sharing[:-1]:
         for key in ("save_dir", "name", "version"):
             logger.init_args[key] = sharing[-1].init_args.get(key)
+
+
+def run_folder_loggers(config: Any) -> list[Any]:
+    """The TensorBoard and CSV loggers of a parsed config (one, or those of a list)."""
+    loggers = config.trainer.logger
+    return [logger for logger in (loggers if isinstance(loggers, list) else [loggers])
+            if writes_run_folder(logger)]
 
 
 def writes_run_folder(logger: Any) -> bool:
@@ -398,8 +401,8 @@ def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
 
     Checkpoints live in ``RUN/checkpoints/``; a resumed fit logs to ``RUN`` again (same
     ``save_dir``, ``name`` and ``version``), so its checkpoint callback finds its own folder and
-    keeps its best score; test, validate and predict write their output there too. Lightning's special paths (``last``, ``best``, ...) and remote URLs
-    are left alone.
+    keeps its best score; test, validate and predict write their output there too. Lightning's
+    special paths (``last``, ``best``, ...) and remote URLs are left alone.
     """
     path = Path(ckpt_path)
     if "://" in ckpt_path or path.suffix != ".ckpt":
@@ -427,9 +430,8 @@ def name_new_run_folder(config: Any) -> None:
 
     Runs on a remote ``save_dir`` keep Lightning's own ``version_N``.
     """
-    loggers = config.trainer.logger
-    unset = [logger for logger in (loggers if isinstance(loggers, list) else [loggers])
-             if writes_run_folder(logger) and logger.init_args.get("version") is None]
+    unset = [logger for logger in run_folder_loggers(config)
+             if logger.init_args.get("version") is None]
     if not unset:
         return
     save_dir, name = unset[-1].init_args.get("save_dir"), unset[-1].init_args.get("name")

@@ -1,8 +1,8 @@
 """The memory-strategy contract, and the one place where a strategy string becomes a strategy.
 
 A *memory strategy* decides how the neural memory learns at test time. It is any Python module
-(or object) with exactly these four functions; the harness (:class:`~titans_lightning.memory.NeuralMemory`)
-calls them, in this order, once per memory update::
+(or object) with exactly these four functions; the harness
+(:class:`~titans_lightning.memory.NeuralMemory`) calls them, in this order, once per update::
 
     init_memory_state(memory, emb_dim)             # once, at construction
     keys, values = compute_keys_values(memory, x)  # x: (S, R, d) detached layer outputs
@@ -22,7 +22,9 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
 * ``compute_surprise`` is the loss that drives the update, computed through the fast weights with
   ``memory.retrieve(keys)``; it returns one value per slot. The harness takes its gradient with
   respect to every fast weight. ``memory.recall_error(keys, values)`` is the reference's MSE
-  surprise in one autograd node.
+  surprise in one autograd node. Its ``memory`` is the memory seen at the weights being
+  differentiated (``memory.at(leaf)``, a :class:`~titans_lightning.memory.MemoryAt`): it reads
+  and sets what the memory has, but it is not the ``nn.Module`` itself.
 * ``apply_update`` receives ``grads`` (same names and shapes as ``memory.weights``; read them,
   never change them in place: the harness checks and records them after the rule) and returns
   the new fast weights. It reads state with ``memory.state[name]`` and writes new state by
@@ -80,7 +82,7 @@ CONTRACT: dict[str, tuple[str, ...]] = {
 }
 USER_MODULE_PREFIX = "titans_user_strategy_"  # module names of strategies loaded from files
 
-_probing = contextvars.ContextVar("titans_strategy_probing", default=False)  # set by the probe
+PROBING = contextvars.ContextVar("titans_strategy_probing", default=False)  # set by the probe
 
 
 class StrategyError(ValueError):
@@ -89,7 +91,7 @@ class StrategyError(ValueError):
 
 def probing() -> bool:
     """Whether the strategy probe is running (its own wrapper names what failed)."""
-    return _probing.get()
+    return PROBING.get()
 
 
 def builtin_strategies() -> tuple[str, ...]:
@@ -97,12 +99,6 @@ def builtin_strategies() -> tuple[str, ...]:
     folder = Path(__file__).with_name("strategies")  # found, not imported
     return tuple(sorted(m.name for m in pkgutil.iter_modules([str(folder)])
                         if not m.ispkg and not m.name.startswith("_")))
-
-
-def __getattr__(name: str) -> Any:
-    if name == "BUILTIN":  # the built-in names, discovered rather than listed by hand
-        return builtin_strategies()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _signature(name: str) -> str:
@@ -181,7 +177,7 @@ def check_options(strategy: Any, where: str, options: Mapping[str, Any]) -> None
         if expected is not None:
             raise StrategyError(
                 f"memory strategy {where}: option {key!r} must be {expected}, like its default "
-                f"{declared[key]!r}; got {_show(value)}")
+                f"{declared[key]!r}; got {show(value)}")
 
 
 def _expected_type(default: Any, value: Any) -> str | None:
@@ -210,22 +206,21 @@ def did_you_mean(name: Any, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     """A short description of a returned value: types and shapes, not contents."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)} ({', '.join(map(_show, value))})"
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(map(show, value))})"
     if isinstance(value, Mapping):
-        return "a dict {" + ", ".join(f"{k!r}: {_show(v)}" for k, v in value.items()) + "}"
+        return "a dict {" + ", ".join(f"{k!r}: {show(v)}" for k, v in value.items()) + "}"
     text = repr(value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-
-
 # -- resolving a string -------------------------------------------------------------------------
 def describe(spec: Any) -> str:
+    """How errors name a strategy: its spec string, or the name of its module or object."""
     if isinstance(spec, str):
         return repr(spec)
     return repr(getattr(spec, "__name__", type(spec).__name__))
@@ -237,7 +232,7 @@ def strategy_source(spec: str) -> dict[str, str] | None:
     moved; None for a built-in (the package's commit identifies it)."""
     if not isinstance(spec, str) or spec in builtin_strategies() or not spec.strip():
         return None
-    if _is_path(spec):
+    if is_path(spec):
         path = Path(spec) if spec.endswith(".py") else None  # others: load_strategy says why
     else:
         try:
@@ -256,7 +251,7 @@ KINDS_OF_SPEC = ("a built-in name ({builtins}), a dotted module (my_pkg.my_rule)
                  ".py file (path/to/rule.py)")
 
 
-def _is_path(spec: str) -> bool:
+def is_path(spec: str) -> bool:
     """Whether ``spec`` names a file rather than a module: a .py name, a separator, a file."""
     return (spec.endswith(".py") or "/" in spec or "\\" in spec
             or (bool(Path(spec).suffix) and Path(spec).is_file()))
@@ -268,7 +263,7 @@ def _resolve(spec: str) -> ModuleType:
     if not spec.strip():
         raise StrategyError(f"the memory strategy (--model.strategy) is an empty string; pass "
                             f"{kinds}")
-    if _is_path(spec):
+    if is_path(spec):
         return _load_file(Path(spec))
     name = f"{__package__}.strategies.{spec}" if spec in builtins else spec
     try:

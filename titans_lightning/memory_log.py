@@ -24,9 +24,9 @@ class UpdateLog:
 
     def record(self, surprise: Tensor, grads: Tensor, old: Tensor, new: Tensor, ok: Tensor,
                gate: Tensor | None) -> None:
-        self.entries.append({"surprise": _detached(surprise), "grads": _detached(grads),
-                             "old": _detached(old), "new": _detached(new), "ok": ok,
-                             "gate": None if gate is None else _detached(gate)})
+        self.entries.append({"surprise": surprise.detach(), "grads": grads.detach(),
+                             "old": old.detach(), "new": new.detach(), "ok": ok,
+                             "gate": None if gate is None else gate.detach()})
 
     def pop(self) -> dict[str, Tensor]:
         """Statistics of the updates recorded since the last call, ``{name: (U, S)}`` for each of
@@ -49,7 +49,3 @@ class UpdateLog:
                 "gate_rate": gate.masked_fill(skipped, 0.0),
                 "skipped": skipped.to(surprise.dtype),
             }
-
-
-def _detached(t: Tensor) -> Tensor:
-    return t.detach() if t.requires_grad else t

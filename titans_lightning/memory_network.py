@@ -76,11 +76,8 @@ def recall_error_and_gradient(keys: Tensor, values: Tensor, flat: Tensor, layout
     if layout.num_layers == 2:
         return kernels.recall_error_and_gradient(keys, values, flat)
     keys, values = keys.detach(), values.detach()
-    with torch.enable_grad():
-        leaf = flat.detach().requires_grad_(True)
-        surprise = recall_error(keys, values, leaf, layout, False)
-        (gradient,) = torch.autograd.grad(surprise.sum(), [leaf])
-    return surprise.detach(), gradient
+    return kernels.reference.value_and_gradient(
+        lambda w: recall_error(keys, values, w, layout, False), flat)
 
 
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:

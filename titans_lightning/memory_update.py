@@ -39,7 +39,7 @@ def update_memory(memory: NeuralMemory, x: Tensor) -> Tensor:
         )
     old, old_state = memory.fast_weights, dict(memory.strategy_state._buffers)
     surprise, grads, new = _compute(memory, x, old, old_state)
-    check = _detached(surprise) + _state_flag(memory, old_state)  # NaN where the state is not
+    check = surprise.detach() + _state_flag(memory, old_state)  # NaN where the state is not
     ok, kept = kernels.commit_update(check, grads, new, old, memory.num_updates,
                                      memory.skipped_updates)
     if memory.differentiable and torch.is_grad_enabled() and not bool(ok.all()):
@@ -80,7 +80,7 @@ def _redo_without_skipped(memory: NeuralMemory, x: Tensor, old: Tensor,
         setattr(memory.strategy_state, name, value)
     x = torch.where(_expand(ok, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
     surprise, grads, new = _compute(memory, x, old, old_state)
-    check = _detached(surprise) + _state_flag(memory, old_state)
+    check = surprise.detach() + _state_flag(memory, old_state)
     redone_ok = ok & kernels.all_finite(check.reshape(memory.n_slots, -1), grads, new)
     memory.skipped_updates.add_((ok & ~redone_ok).sum())  # slots the first pass kept
     return redone_ok, torch.where(redone_ok[:, None], new, old)
@@ -203,10 +203,6 @@ def call(memory: NeuralMemory, name: str, *args: Any, at: Tensor | None = None) 
 def broke(memory: NeuralMemory, where: str, how: str) -> StrategyError:
     return StrategyError(f"memory strategy {memory.strategy_spec!r} broke the contract in "
                          f"{where}: it {how}")
-
-
-def _detached(t: Tensor) -> Tensor:
-    return t.detach() if t.requires_grad else t
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:

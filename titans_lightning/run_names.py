@@ -18,6 +18,8 @@ import os
 import re
 from pathlib import Path
 
+from .contract import is_path
+
 RUN_FOLDER = re.compile(r"version_(\d+)(?:-.*)?")
 LAUNCHED_VERSION = "TITANS_RUN_VERSION"  # "<pid of rank 0> <version>", for the ranks it launches
 NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.+]")  # "-" separates the parts of a name
@@ -56,7 +58,7 @@ def run_description(strategy: str, memory_scope: str, mac_order: str, seed: int 
 def strategy_label(strategy: str) -> str:
     """A built-in's name; a file's stem (``rules/my_rule.py``: ``my_rule``); a dotted module's
     last name (``mypackage.rules.nlms``: ``nlms``). Folders are never part of it."""
-    if strategy.endswith(".py") or "/" in strategy or os.sep in strategy:
+    if is_path(strategy):
         return Path(strategy).stem
     return strategy.rsplit(".", 1)[-1]
 

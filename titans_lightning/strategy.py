@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .contract import (CONTRACT, KINDS_OF_SPEC, USER_MODULE_PREFIX, StrategyError, _probing,
-                       _show, builtin_strategies, check_contract, check_options, describe,
-                       did_you_mean, probing, resolve_strategy, strategy_source)
+from .contract import (CONTRACT, KINDS_OF_SPEC, PROBING, USER_MODULE_PREFIX, StrategyError,
+                       builtin_strategies, check_contract, check_options, describe,
+                       did_you_mean, probing, resolve_strategy, show, strategy_source)
 from .memory import NeuralMemory
 
 __all__ = ["CONTRACT", "KINDS_OF_SPEC", "USER_MODULE_PREFIX", "StrategyError", "builtin_strategies",
@@ -52,7 +52,7 @@ def load_strategy(spec: str | ModuleType | Any, probe: bool = True,
     ``memory.options``); a strategy that passed is not probed again with the same options.
     """
     strategy = resolve_strategy(spec, options)
-    if probe and not _probing.get():
+    if probe and not probing():
         probe_strategy(strategy, describe(spec), options)
     return strategy
 
@@ -68,7 +68,7 @@ def probe_strategy(strategy: Any, where: str, options: Mapping[str, Any] | None 
     except TypeError:  # unhashable callables: probe every time
         key = None
     traced = _Traced(strategy, where)
-    token = _probing.set(True)
+    token = PROBING.set(True)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("cpu"), \
                 torch.inference_mode(False), torch.enable_grad():
@@ -95,7 +95,7 @@ def probe_strategy(strategy: Any, where: str, options: Mapping[str, Any] | None 
             f"({PROBE}): {type(err).__name__}: {err}\n{tb}"
         ) from err
     finally:
-        _probing.reset(token)
+        PROBING.reset(token)
     _check_finite(memory, where)
     if key is not None:
         _probed[key] = strategy
@@ -127,7 +127,7 @@ class _Traced:
 
     def _wrong(self, name: str, expected: str, got: Any) -> StrategyError:
         return StrategyError(f"memory strategy {self._where}: `{name}` must return {expected}; "
-                             f"on the probe call ({PROBE}) it returned {_show(got)}")
+                             f"on the probe call ({PROBE}) it returned {show(got)}")
 
     def init_memory_state(self, memory, emb_dim):
         self._call("init_memory_state", memory, emb_dim)

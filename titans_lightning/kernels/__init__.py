@@ -32,8 +32,8 @@ MEMORY_WIDTHS = (16, 32)  # the memory kernels' d (csrc/memory_mlp.cpp)
 MEMORY_HIDDEN = (16, 32, 64)  # and h
 
 __all__ = ["attention", "add_norm", "feed_forward_add_norm", "mac_query", "keys_values",
-           "memory_mlp", "recall_error", "recall_error_and_gradient", "commit_update", "all_finite", "dropout_draws",
-           "why_not", "available"]
+           "memory_mlp", "recall_error", "recall_error_and_gradient", "commit_update",
+           "all_finite", "dropout_draws", "why_not", "available"]
 
 
 # -- the encoder layer -------------------------------------------------------------------------
@@ -150,11 +150,7 @@ def recall_error_and_gradient(keys: Tensor, values: Tensor, flat: Tensor
     if _runs_on_kernel("recall_error", keys, values, flat):
         return cpu.surprise_and_gradient(keys, values, flat,
                                          reference.hidden_width(flat, keys.shape[-1]))
-    with torch.enable_grad():
-        leaf = flat.requires_grad_(True)
-        surprise = recall_error(keys, values, leaf)
-        (gradient,) = torch.autograd.grad(surprise.sum(), [leaf])
-    return surprise.detach(), gradient
+    return reference.value_and_gradient(lambda w: recall_error(keys, values, w), flat)
 
 
 def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, updates: Tensor,

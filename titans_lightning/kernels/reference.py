@@ -285,6 +285,17 @@ def two_layer_backward(q: Tensor, flat: Tensor, a: Tensor, s: Tensor, g: Tensor,
 
 
 # -- the update's check ------------------------------------------------------------------------
+def value_and_gradient(surprise_of: Callable[[Tensor], Tensor], flat: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """``surprise_of(flat)`` (S,) and the gradient of its sum with respect to ``flat``, by
+    autograd on a detached leaf, both without a graph."""
+    with torch.enable_grad():
+        leaf = flat.detach().requires_grad_(True)
+        surprise = surprise_of(leaf)
+        (gradient,) = torch.autograd.grad(surprise.sum(), [leaf])
+    return surprise.detach(), gradient
+
+
 def all_finite(*flats: Tensor) -> Tensor:
     """Per slot, whether every entry of the (S, ...) tensors is finite, in four operations:
     ``x * 0`` is 0 for finite x and NaN for inf or NaN, so a slot's sum is 0 exactly when all

@@ -16,9 +16,9 @@ learned start (``memory.initial_weights``), as in meta_nlms: ``steps = 1`` is me
 momentum and the decay act at every step, so one update decays by alpha^steps.
 
 The harness hands ``apply_update`` g_1; the further gradients come from the rule's own surprise
-with the weights set to w_(i-1) for the call, taken with ``create_graph`` while training, so
-the outer optimiser differentiates through every inner step (``DIFFERENTIABLE = True``), as
-through the first. ``compute_surprise`` leaves the chunk's keys and values on the memory for
+at w_(i-1) (``memory.at(w)``, the memory seen with those weights), taken with ``create_graph``
+while training, so the outer optimiser differentiates through every inner step
+(``DIFFERENTIABLE = True``), as through the first. ``compute_surprise`` leaves the chunk's keys and values on the memory for
 ``apply_update`` (a plain attribute, not state: it lives for one update). Under data-parallel
 training the further gradients are combined across ranks by the memory's reduce hook, as the
 harness combines the first.
