@@ -5,7 +5,8 @@
 
 The other commit's ``titans_lightning`` is extracted (``git archive``) into a temporary folder and
 imported under another name, so both versions live in this process. Both models are built from
-the same seed on the benchmark's shapes (batch 4, 500 steps, sinwave-like), their predictions are
+the same seed, each with its own package's default rule (a strategy string would resolve to this
+checkout's), on the benchmark's shapes (batch 4, 500 steps, sinwave-like), their predictions are
 compared (a refactor must not change the numbers), and then their training batches (forward,
 loss, backward, Adam step) and evaluation batches (no outer gradient; the memory still learns)
 are timed alternately, batch by batch, with the order swapped every round, so that the machine's
@@ -20,7 +21,6 @@ import datetime
 import importlib
 import importlib.util
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from throughput import device_description, one_batch  # beside this file
 from titans_lightning import MACTitan
-from titans_lightning.module import forecast_loss
 from titans_lightning.results import git_commit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -50,20 +50,6 @@ def import_package_at(commit: str, folder: Path) -> str:
     sys.modules[name] = package
     spec.loader.exec_module(package)
     return name
-
-
-def one_batch(model, optimizer, batch: torch.Tensor, train: bool) -> float:
-    start = time.perf_counter()
-    if train:
-        preds, _ = model(batch)  # the batch is its own target: preds[:, t] forecasts t+1
-        loss = forecast_loss(preds, batch, model.C - 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    else:
-        with torch.no_grad():
-            model(batch)
-    return time.perf_counter() - start
 
 
 def compare(models: dict, batch: torch.Tensor, train: bool, n: int, warmup: int
@@ -97,14 +83,18 @@ def main() -> None:
     against = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", args.against],
                              check=True, capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as folder:
-        other = importlib.import_module(f"{import_package_at(against, Path(folder))}.model")
+        other_package = import_package_at(against, Path(folder))
+        other = importlib.import_module(f"{other_package}.model")
+        # its own default rule: a strategy string would resolve to this checkout's package
+        other_rule = importlib.import_module(f"{other_package}.strategies.titans_default")
         batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None]  # (4, 500, 1)
         result, every_batch = {}, {}
         for C in args.contexts:
             models = {}
-            for key, build in (("this", MACTitan), ("other", other.MACTitan)):
+            for key, build, rule in (("this", MACTitan, "titans_default"),
+                                     ("other", other.MACTitan, other_rule)):
                 torch.manual_seed(0)
-                models[key] = build(context_window=C).eval()
+                models[key] = build(context_window=C, strategy=rule).eval()
             with torch.no_grad():
                 torch.manual_seed(1)
                 mine = models["this"](batch)[0]
@@ -126,7 +116,7 @@ def main() -> None:
                   f"{result[f'max_abs_prediction_difference_c{C}']:.2e}", flush=True)
     if args.out:
         run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
-               "against": against, "device": f"cpu: {_cpu()}", "threads": args.threads,
+               "against": against, "device": device_description(torch.device("cpu")), "threads": args.threads,
                "seed": 0, "batches": args.batches, "warmup": args.warmup,
                "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -134,14 +124,6 @@ def main() -> None:
         with open(args.out, "a") as out:
             out.write(json.dumps(run) + "\n")
     print(json.dumps(result))
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next(ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -43,27 +43,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def one_batch(model: MACTitan, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+              train: bool) -> float:
+    """Seconds of one training batch (forward, loss, backward, Adam step) or evaluation batch
+    (no outer gradient; the memory still learns)."""
+    _sync(batch.device)
+    start = time.perf_counter()
+    if train:
+        preds, _ = model(batch)  # the batch is its own target: preds[:, t] forecasts t+1
+        loss = forecast_loss(preds, batch, model.C - 1)  # scored as TitansForecaster does
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    else:
+        with torch.no_grad():
+            model(batch)
+    _sync(batch.device)
+    return time.perf_counter() - start
+
+
 def time_batches(model: MACTitan, batch: torch.Tensor, train: bool, n: int,
                  warmup: int) -> list[float]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train(train)
-    times = []
-    for i in range(warmup + n):
-        _sync(batch.device)
-        start = time.perf_counter()
-        if train:
-            preds, _ = model(batch)  # the batch is its own target: preds[:, t] forecasts t+1
-            loss = forecast_loss(preds, batch, model.C - 1)  # scored as TitansForecaster does
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        else:
-            with torch.no_grad():
-                model(batch)
-        _sync(batch.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    times = [one_batch(model, optimizer, batch, train) for _ in range(warmup + n)]
+    return times[warmup:]
 
 
 def main() -> None:
@@ -104,7 +108,7 @@ def main() -> None:
                   f"(min {min(times):.3f}, max {max(times):.3f}, {len(times)} batches)", flush=True)
     if args.out:
         run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
-               "device": _device(device), "threads": args.threads, "seed": 0,
+               "device": device_description(device), "threads": args.threads, "seed": 0,
                "batches": args.batches, "warmup": args.warmup,
                "variant": "library-encoder" if args.library_encoder
                else "no-kernels" if args.no_kernels else "kernels", "compile": args.compile,
@@ -116,7 +120,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def _device(device: torch.device) -> str:
+def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
