@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from titans_lightning import run_names
 from titans_lightning.cli import TitansCLI
 
@@ -71,6 +73,28 @@ def test_a_resume_and_a_test_stay_in_the_checkpoints_folder_whatever_its_name(ti
                         "--ckpt_path", str(old / "checkpoints" / "last.ckpt")])
     assert Path(tested.trainer.log_dir) == old and (old / "test.json").is_file()
     assert [p.name for p in old.parent.iterdir()] == ["version_0"]  # no new folder
+
+
+def test_a_runs_saved_config_makes_a_new_run_and_scores_in_the_checkpoints_folder(tiny_sinwave,
+                                                                                  in_tmp):
+    first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1", *ONE_BATCH])
+    run = Path(first.trainer.log_dir)
+    saved = run / "config.yaml"
+    assert "version_0" not in saved.read_text()  # the folder chosen, not the config given
+    assert json.loads((run / "result.json").read_text())["config"]["trainer"]["logger"][-1][
+        "init_args"]["version"] is None
+    again = TitansCLI(["fit", "--config", str(saved)])  # the same run, made again
+    assert Path(again.trainer.log_dir) == run.parent / f"version_1-{DEFAULT}"
+    assert again.trainer.num_training_batches == 1  # "1" stays one batch, not 1.0 (all)
+    assert yaml.safe_load(saved.read_text())["trainer"]["limit_train_batches"] == 1
+    assert json.loads((Path(again.trainer.log_dir) / "result.json").read_text())["test_mse"] \
+        == json.loads((run / "result.json").read_text())["test_mse"]
+    tested = TitansCLI(["test", "--config", str(saved),
+                        "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert Path(tested.trainer.log_dir) == run and (run / "test.json").is_file()
+    scoring = yaml.safe_load((run / "config_test.yaml").read_text())
+    assert [logger["init_args"]["version"] for logger in scoring["trainer"]["logger"]] == [None] * 2
+    assert sorted(p.name for p in run.parent.iterdir()) == [run.name, f"version_1-{DEFAULT}"]
 
 
 def test_ranks_launched_by_rank_zero_take_its_version_and_no_other_process_does(monkeypatch,

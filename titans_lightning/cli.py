@@ -68,6 +68,35 @@ class RunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+BatchLimit = int | float | None
+
+
+class Trainer(L.Trainer):
+    """Lightning's Trainer, with the ``limit_*_batches`` typed so that the command line and YAML
+    read them as written: ``1`` is one batch, ``1.0`` all of them.
+
+    (Lightning types them ``float | int``, so its CLI turns ``--trainer.limit_train_batches 1``
+    into ``1.0`` and runs every batch, and a run's saved ``config.yaml`` says ``1.0``.)
+    """
+
+    def __init__(self, *, limit_train_batches: BatchLimit = None,
+                 limit_val_batches: BatchLimit = None, limit_test_batches: BatchLimit = None,
+                 limit_predict_batches: BatchLimit = None, **kwargs: Any):
+        """
+        Args:
+            limit_train_batches: training batches per epoch: an int is a count, a float a
+                fraction (1.0, the default: all).
+            limit_val_batches: as ``limit_train_batches``, for validation.
+            limit_test_batches: as ``limit_train_batches``, for the test.
+            limit_predict_batches: as ``limit_train_batches``, for prediction.
+            **kwargs: the other arguments of :class:`lightning.Trainer`.
+        """
+        super().__init__(limit_train_batches=limit_train_batches,
+                         limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches,
+                         limit_predict_batches=limit_predict_batches, **kwargs)
+
+
 class TitansCLI(LightningCLI):
     """LightningCLI with the model fixed, any datamodule by class path, and the run record."""
 
@@ -75,7 +104,7 @@ class TitansCLI(LightningCLI):
         self.fit_started = time.perf_counter()
         super().__init__(
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
-            trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
+            trainer_class=Trainer, trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=True, args=args, run=run, **kwargs)
 
@@ -123,6 +152,8 @@ class TitansCLI(LightningCLI):
         super().after_instantiate_classes()
         for logger in self.trainer.loggers:  # loggers sharing a folder: one free version_N,
             _ = logger.version                # resolved before any of them writes there
+        for init_args, version in getattr(self, "given_versions", []):
+            init_args.version = version  # the folder chosen for this run is not its config
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
@@ -149,6 +180,11 @@ class TitansCLI(LightningCLI):
                 f"--model.lr {config.model.lr} would be ignored: --optimizer replaces the "
                 "module's Adam; give the learning rate as --optimizer.lr instead")
         name_run_after_config(config)
+        # The loggers are built with the run folder chosen below; the saved config.yaml (and
+        # result.json) keep the version as given, so `titans fit --config RUN/config.yaml`
+        # makes a new run instead of finding this one's folder taken.
+        self.given_versions = [(logger.init_args, logger.init_args.get("version"))
+                               for logger in run_folder_loggers(config)]
         share_run_folder(config)
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
