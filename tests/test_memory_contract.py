@@ -152,6 +152,19 @@ def test_a_surprise_without_a_gradient_is_explained():
                   "does not depend on the fast weights")
 
 
+def test_setting_the_viewed_weights_is_refused_and_the_memorys_own_are_kept():
+    def overwrites(memory, keys, values, fine):
+        memory.fast_weights = torch.zeros_like(memory.fast_weights)  # memory is memory.at(leaf)
+        return fine(memory, keys, values)
+
+    memory = broken_memory(compute_surprise=overwrites)
+    before = memory.fast_weights.clone()
+    with pytest.raises(StrategyError, match="compute_surprise") as info:
+        memory.update(torch.randn(1, 8, 16))
+    assert "cannot be set" in str(info.value.__cause__ or info.value)
+    assert torch.equal(memory.fast_weights, before)
+
+
 def test_a_surprise_of_the_wrong_shape_is_refused():
     def summed(memory, keys, values, fine):
         return fine(memory, keys, values).sum()

@@ -354,6 +354,11 @@ class MemoryAt:
         return getattr(object.__getattribute__(self, "memory"), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in MemoryAt.__slots__:  # would replace the memory's own weights, not these
+            raise AttributeError(
+                f"memory.at(...).{name} cannot be set: it is the view's weights, and setting it "
+                "would write the memory's own. A rule changes the weights by returning them "
+                "from apply_update")
         setattr(self.memory, name, value)
 
     @property
