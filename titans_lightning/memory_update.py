@@ -88,7 +88,12 @@ def _redo_without_skipped(memory: NeuralMemory, x: Tensor, old: Tensor,
 
 def _surprise_and_grads(memory: NeuralMemory, x: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
     """The strategy's surprise (S,) at the weights ``old`` and its gradient with respect to them
-    (S, n); with its graph for a differentiable rule while training."""
+    (S, n); with its graph for a differentiable rule while training.
+
+    A rule whose ``compute_surprise`` is titans_default's gets both from one functional call
+    (on the CPU kernel, one pass). Its float rounding differs from autograd's: a differentiable
+    rule of that surprise (``titans_gated``, ``meta_nlms``) scores a few 1e-7 apart in
+    evaluation, where this path runs, from training, where autograd's does."""
     keep_graph = memory.differentiable and torch.is_grad_enabled()
     if not keep_graph and memory.strategy.compute_surprise is titans_default.compute_surprise:
         return _recall_error_and_gradient(memory, x, old)
