@@ -34,6 +34,14 @@ def test_a_new_run_folder_says_what_ran(tiny_sinwave, in_tmp):
     assert {Path(d).name for d in other} == {"version_0-meta_nlms-per_sequence-causal-seed7"}
 
 
+def test_the_folder_is_named_after_the_first_config_not_an_override_after_it(tiny_sinwave,
+                                                                            in_tmp):
+    override = in_tmp / "fewer_epochs.yaml"
+    override.write_text("trainer:\n  max_epochs: 1\n")
+    (folder, _) = log_dirs([*tiny_sinwave, "--config", str(override)])
+    assert Path(folder).parent == Path("logs/sinwave")
+
+
 def test_a_strategy_file_is_named_by_its_stem(tiny_sinwave, in_tmp):
     rule = in_tmp / "rules" / "my_rule.py"
     rule.parent.mkdir()

@@ -389,15 +389,16 @@ FOLDER_LOGGERS = (TensorBoardLogger, CSVLogger)  # those writing into save_dir/n
 
 def name_run_after_config(config: Any) -> None:
     """Give the TensorBoard and CSV loggers of a parsed config whose ``name`` is null (the base
-    config's) the file name of the last ``--config``: ``configs/sinwave.yaml`` runs in
-    ``logs/sinwave/``. A name from a config or the command line is kept; without a config file,
-    runs go straight into ``save_dir``."""
+    config's) the file name of the first ``--config``: ``--config configs/sinwave.yaml --config
+    mine.yaml`` runs in ``logs/sinwave/`` (the benchmark's config comes first, what changes it
+    after). A name from a config or the command line is kept; without a config file, runs go
+    straight into ``save_dir``."""
     files = [f for f in config.get("config") or [] if f is not None]
     if not files:
         return
     for logger in run_folder_loggers(config):
         if logger.init_args.get("name") is None:
-            logger.init_args.name = Path(str(files[-1])).stem
+            logger.init_args.name = Path(str(files[0])).stem
 
 
 def share_run_folder(config: Any) -> None:
