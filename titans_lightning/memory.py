@@ -127,7 +127,6 @@ class NeuralMemory(nn.Module):
                  strategy: Any = "titans_default", options: dict[str, Any] | None = None):
         super().__init__()
         self.layout = FlatLayout(dim, hidden, num_layers)
-        self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
         self.strategy = resolve_strategy(strategy, options)
         self.strategy_spec = _portable_spec(strategy, self.strategy)
         self.differentiable = bool(getattr(self.strategy, "DIFFERENTIABLE", False))
@@ -150,7 +149,21 @@ class NeuralMemory(nn.Module):
         for name, value in self.strategy_state._buffers.items():
             self.initial_state.register_buffer(name, value.detach().clone())
 
-    # -- fast weights -------------------------------------------------------------------------
+    # -- sizes and fast weights --------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """The width d of the keys, values and queries."""
+        return self.layout.dim
+
+    @property
+    def hidden(self) -> int:
+        """The hidden width of a two-layer memory (unused by a one-layer one)."""
+        return self.layout.hidden
+
+    @property
+    def num_layers(self) -> int:
+        return self.layout.num_layers
+
     @property
     def weight_names(self) -> tuple[str, ...]:
         return self.layout.names

@@ -23,7 +23,7 @@ class FlatLayout:
     def __init__(self, dim: int, hidden: int, num_layers: int):
         if num_layers not in (1, 2):
             raise ValueError(f"num_layers must be 1 or 2, got {num_layers}")
-        self.num_layers = num_layers
+        self.dim, self.hidden, self.num_layers = dim, hidden, num_layers
         dims = [dim, dim] if num_layers == 1 else [dim, hidden, dim]
         self.names = ("w", "b") if num_layers == 1 else ("w1", "b1", "w2", "b2")
         self.shapes: list[tuple[int, ...]] = []
