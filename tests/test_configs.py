@@ -94,11 +94,11 @@ def test_the_resolved_config_is_the_published_protocol(name, subcommand, capsys,
     assert callbacks[-1]["init_args"]["sequences"] == [0, 1, 2]
 
 
-def test_a_run_is_named_after_the_last_config_file(in_tmp):
+def test_a_run_is_named_after_the_first_config_file(in_tmp):
     mine = in_tmp / "mine.yaml"
     shutil.copy(CONFIGS / "sinwave.yaml", mine)
-    for configs, run in ([CONFIGS / "sinwave.yaml"], "sinwave"), ([CONFIGS / "sinwave.yaml",
-                                                                    mine], "mine"):
+    for configs, run in (([mine], "mine"), ([CONFIGS / "sinwave.yaml", mine], "sinwave"),
+                         ([mine, CONFIGS / "sinwave.yaml"], "mine")):
         cli = TitansCLI([arg for c in configs for arg in ("--config", str(c))], run=False)
         assert [lg.name for lg in cli.trainer.loggers] == [run, run]
         # what config.yaml and result.json record

@@ -163,6 +163,8 @@ def test_setting_the_viewed_weights_is_refused_and_the_memorys_own_are_kept():
         memory.update(torch.randn(1, 8, 16))
     assert "cannot be set" in str(info.value.__cause__ or info.value)
     assert torch.equal(memory.fast_weights, before)
+    with pytest.raises(AttributeError, match="cannot set weights"):
+        memory.at(before).set_weights(memory.weights)
 
 
 def test_a_surprise_of_the_wrong_shape_is_refused():

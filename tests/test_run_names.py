@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from titans_lightning import run_names
@@ -91,10 +92,10 @@ def test_a_runs_saved_config_makes_a_new_run_and_scores_in_the_checkpoints_folde
     assert "version_0" not in saved.read_text()  # the folder chosen, not the config given
     assert json.loads((run / "result.json").read_text())["config"]["trainer"]["logger"][-1][
         "init_args"]["version"] is None
+    with pytest.raises(ValueError, match="RUN/checkpoints/last.ckpt"):  # not a silent restart
+        TitansCLI(["fit", "--config", str(saved), "--ckpt_path", "last"])
     again = TitansCLI(["fit", "--config", str(saved)])  # the same run, made again
     assert Path(again.trainer.log_dir) == run.parent / f"version_1-{DEFAULT}"
-    assert again.trainer.num_training_batches == 1  # "1" stays one batch, not 1.0 (all)
-    assert yaml.safe_load(saved.read_text())["trainer"]["limit_train_batches"] == 1
     assert json.loads((Path(again.trainer.log_dir) / "result.json").read_text())["test_mse"] \
         == json.loads((run / "result.json").read_text())["test_mse"]
     tested = TitansCLI(["test", "--config", str(saved),

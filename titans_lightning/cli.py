@@ -68,35 +68,6 @@ class RunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
-BatchLimit = int | float | None
-
-
-class Trainer(L.Trainer):
-    """Lightning's Trainer, with the ``limit_*_batches`` typed so that the command line and YAML
-    read them as written: ``1`` is one batch, ``1.0`` all of them.
-
-    (Lightning types them ``float | int``, so its CLI turns ``--trainer.limit_train_batches 1``
-    into ``1.0`` and runs every batch, and a run's saved ``config.yaml`` says ``1.0``.)
-    """
-
-    def __init__(self, *, limit_train_batches: BatchLimit = None,
-                 limit_val_batches: BatchLimit = None, limit_test_batches: BatchLimit = None,
-                 limit_predict_batches: BatchLimit = None, **kwargs: Any):
-        """
-        Args:
-            limit_train_batches: training batches per epoch: an int is a count, a float a
-                fraction (1.0, the default: all).
-            limit_val_batches: as ``limit_train_batches``, for validation.
-            limit_test_batches: as ``limit_train_batches``, for the test.
-            limit_predict_batches: as ``limit_train_batches``, for prediction.
-            **kwargs: the other arguments of :class:`lightning.Trainer`.
-        """
-        super().__init__(limit_train_batches=limit_train_batches,
-                         limit_val_batches=limit_val_batches,
-                         limit_test_batches=limit_test_batches,
-                         limit_predict_batches=limit_predict_batches, **kwargs)
-
-
 class TitansCLI(LightningCLI):
     """LightningCLI with the model fixed, any datamodule by class path, and the run record."""
 
@@ -104,7 +75,7 @@ class TitansCLI(LightningCLI):
         self.fit_started = time.perf_counter()
         super().__init__(
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
-            trainer_class=Trainer, trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
+            trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=True, args=args, run=run, **kwargs)
 
@@ -186,6 +157,12 @@ class TitansCLI(LightningCLI):
         self.given_versions = [(logger.init_args, logger.init_args.get("version"))
                                for logger in run_folder_loggers(config)]
         share_run_folder(config)
+        if self.subcommand == "fit" and config.get("ckpt_path") in LIGHTNING_CHECKPOINT_NAMES \
+                and all(v is None for _, v in self.given_versions):
+            raise ValueError(
+                f"--ckpt_path {config.ckpt_path} would look in a new run folder, find nothing there "
+                "and train from the start: give the checkpoint file of the run to resume, "
+                "--ckpt_path RUN/checkpoints/last.ckpt (its folder is then reused)")
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
         name_new_run_folder(config)  # a folder that neither the user nor a checkpoint chose
@@ -330,6 +307,7 @@ class TitansCLI(LightningCLI):
 # Settings that do not change the trained model or its memory, so a checkpoint may be scored with
 # other values (not resumed: a fit continues exactly as it began).
 MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
+LIGHTNING_CHECKPOINT_NAMES = {"last", "best", "hpc", "registry"}  # found in the run's own folder
 MAY_ALWAYS_DIFFER = {"compile"}  # how the same maths runs: also a resumed fit may change it
 LINKED_FROM_DATA = {"input_dim", "output_dim"}
 

@@ -378,6 +378,10 @@ class MemoryAt:
     def weights(self) -> dict[str, Tensor]:
         return self.memory.unflatten(self.fast_weights)
 
+    def set_weights(self, *args: Any, **kwargs: Any) -> None:
+        raise AttributeError("memory.at(...) cannot set weights: it would write the memory's own. "
+                             "A rule changes the weights by returning them from apply_update")
+
     @property
     def n_slots(self) -> int:
         return self.fast_weights.shape[0]
