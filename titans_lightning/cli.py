@@ -123,7 +123,7 @@ class TitansCLI(LightningCLI):
         super().after_instantiate_classes()
         for logger in self.trainer.loggers:  # loggers sharing a folder: one free version_N,
             _ = logger.version                # resolved before any of them writes there
-        for init_args, version in getattr(self, "given_versions", []):
+        for init_args, version in self.given_versions:
             init_args.version = version  # the folder chosen for this run is not its config
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -307,9 +307,9 @@ class TitansCLI(LightningCLI):
 # Settings that do not change the trained model or its memory, so a checkpoint may be scored with
 # other values (not resumed: a fit continues exactly as it began).
 MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
-LIGHTNING_CHECKPOINT_NAMES = {"last", "best", "hpc", "registry"}  # found in the run's own folder
 MAY_ALWAYS_DIFFER = {"compile"}  # how the same maths runs: also a resumed fit may change it
 LINKED_FROM_DATA = {"input_dim", "output_dim"}
+LIGHTNING_CHECKPOINT_NAMES = {"last", "best", "hpc", "registry"}  # looked up in the run's folder
 
 
 def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,

@@ -367,11 +367,8 @@ class MemoryAt:
         return getattr(object.__getattribute__(self, "memory"), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in MemoryAt.__slots__:  # would replace the memory's own weights, not these
-            raise AttributeError(
-                f"memory.at(...).{name} cannot be set: it is the view's weights, and setting it "
-                "would write the memory's own. A rule changes the weights by returning them "
-                "from apply_update")
+        if name in MemoryAt.__slots__:  # set on the memory, it would replace its own
+            _refuse_writing(f"memory.at(...).{name} cannot be set")
         setattr(self.memory, name, value)
 
     @property
@@ -379,8 +376,7 @@ class MemoryAt:
         return self.memory.unflatten(self.fast_weights)
 
     def set_weights(self, *args: Any, **kwargs: Any) -> None:
-        raise AttributeError("memory.at(...) cannot set weights: it would write the memory's own. "
-                             "A rule changes the weights by returning them from apply_update")
+        _refuse_writing("memory.at(...) cannot set weights")
 
     @property
     def n_slots(self) -> int:
@@ -395,6 +391,11 @@ class MemoryAt:
 
     def at(self, flat: Tensor) -> MemoryAt:
         return MemoryAt(self.memory, flat)
+
+
+def _refuse_writing(what: str) -> None:
+    raise AttributeError(f"{what}: it would write the memory's own weights, not the view's. A "
+                         "rule changes the weights by returning them from apply_update")
 
 
 def _portable_spec(spec: Any, strategy: Any) -> Any:

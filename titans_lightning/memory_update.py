@@ -91,9 +91,9 @@ def _surprise_and_grads(memory: NeuralMemory, x: Tensor, old: Tensor) -> tuple[T
     (S, n); with its graph for a differentiable rule while training.
 
     A rule whose ``compute_surprise`` is titans_default's gets both from one functional call
-    (on the CPU kernel, one pass). Its float rounding differs from autograd's: a differentiable
-    rule of that surprise (``titans_gated``, ``meta_nlms``) scores a few 1e-7 apart in
-    evaluation, where this path runs, from training, where autograd's does."""
+    (on the CPU kernel, one pass) when no graph is kept. It is the same function, rounded
+    differently from autograd's: a differentiable rule of that surprise (``titans_gated``,
+    ``meta_nlms``) takes this path in evaluation and autograd's in training."""
     keep_graph = memory.differentiable and torch.is_grad_enabled()
     if not keep_graph and memory.strategy.compute_surprise is titans_default.compute_surprise:
         return _recall_error_and_gradient(memory, x, old)
