@@ -436,6 +436,34 @@ def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
                                                  "backward pass)"]
 
 
+def test_momentum_step_kernel_is_the_rules_operators_to_the_bit_and_rolls_back_per_slot():
+    torch.manual_seed(0)
+    S, n = 6, 1072
+    surprise, grads = torch.rand(S), torch.randn(S, n)
+    old, momentum = torch.randn(S, n), torch.randn(S, n)
+    surprise[1] = float("nan")
+    grads[2, 7] = float("inf")
+    momentum[3, 0] = float("nan")
+    old[4] = 3e38  # finite, and alpha * 3e38 stays finite
+    counters = {k: (torch.tensor(5), torch.tensor(2)) for k in ("kernel", "operators")}
+    args = (surprise, grads, old, momentum)
+    assert kernels.why_not("momentum_step", *args, *counters["kernel"]) == []
+    ok, weights, kept = cpu.momentum_step(*args, 0.999, 0.9, 0.01, *counters["kernel"])
+    want = reference.momentum_step(*args, 0.999, 0.9, 0.01, *counters["operators"])
+    assert ok.tolist() == want[0].tolist() == [True, False, False, False, True, True]
+    exactly = dict(rtol=0, atol=0, equal_nan=True)  # bit for bit: no fused multiply-add
+    torch.testing.assert_close(weights, want[1], **exactly)
+    torch.testing.assert_close(kept, want[2], **exactly)
+    step = 0.9 * momentum[0] - 0.01 * grads[0]  # titans_default's apply_update, slot 0
+    assert torch.equal(kept[0], step) and torch.equal(weights[0], 0.999 * old[0] + step)
+    assert torch.equal(weights[1], old[1]) and torch.equal(weights[3], old[3])
+    torch.testing.assert_close(kept[3], momentum[3], **exactly)  # its NaN kept, not spread
+    assert [int(c) for c in counters["kernel"]] == [int(c) for c in counters["operators"]] \
+        == [6, 5]
+    assert kernels.why_not("momentum_step", surprise, grads, old, momentum[:, :9],
+                           *counters["kernel"])[0].startswith("a momentum (6, 9) of another shape")
+
+
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_attention_equals_softmax_with_the_explicit_mask(windows, L, e, p):

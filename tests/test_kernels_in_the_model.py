@@ -25,7 +25,7 @@ def two_threads():
 def kernel_calls(monkeypatch):
     calls: Counter = Counter()
     for name in ("feed_forward", "feed_forward_add_norm", "attention", "memory_forward",
-                 "surprise_and_gradient", "keys_values", "commit_update"):
+                 "surprise_and_gradient", "keys_values", "momentum_step"):
         real = getattr(cpu, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
@@ -51,9 +51,10 @@ def test_width_2048_on_two_threads_matches_float64_operators(two_threads, kernel
     expected.pow(2).mean().backward()
 
     assert kernel_calls["feed_forward"] + kernel_calls["feed_forward_add_norm"] > 0
-    # the default rule's update: keys and values, the surprise with its gradient, the check
+    # the default rule's update: keys and values, the surprise with its gradient, the step with
+    # the check
     assert kernel_calls["keys_values"] == kernel_calls["surprise_and_gradient"] == \
-        kernel_calls["commit_update"] > 0
+        kernel_calls["momentum_step"] > 0
     torch.testing.assert_close(preds.double(), expected, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=2e-3, atol=2e-5, msg=name)

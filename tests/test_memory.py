@@ -246,3 +246,35 @@ def test_any_non_finite_entry_marks_only_its_slot():
         x[1, 2] = bad
         assert _all_finite(torch.zeros(3), x).tolist() == [True, False, True]
         assert _all_finite(torch.tensor([bad, 0.0, 0.0]), big).tolist() == [False, True, True]
+
+
+@pytest.mark.parametrize("kernels_on", ["1", "0"])
+@pytest.mark.parametrize("slots, options", [(1, {}), (3, {"theta": 0.3, "eta": 0.7,
+                                                          "alpha": 0.95})])
+def test_the_default_rules_own_path_is_its_four_functions_to_the_bit(monkeypatch, kernels_on,
+                                                                      slots, options):
+    """The harness runs the built-in titans_default without the contract's round trips; a copy
+    of its functions (another object) takes the general path, and every number agrees."""
+    monkeypatch.setenv("TITANS_LIGHTNING_FUSED", kernels_on)
+    memories = []
+    for rule in (titans_default, strategy_module()):
+        torch.manual_seed(0)
+        memories.append(NeuralMemory(16, 32, 2, rule, options))
+        if slots > 1:
+            memories[-1].start_sequences(slots)
+    torch.manual_seed(1)
+    for i in range(12):
+        x = torch.randn(slots, 16, 16)
+        if i == 4:
+            x[slots - 1, 3, 2] = float("nan")  # that slot skips this update
+        own, general = (m.update(x) for m in memories)
+        assert torch.equal(own.nan_to_num(-1.0), general.nan_to_num(-1.0))
+    own, general = memories
+    assert torch.equal(own.fast_weights, general.fast_weights)
+    assert torch.equal(own.state["momentum"], general.state["momentum"])
+    assert int(own.skipped_updates) == int(general.skipped_updates) == 1
+    assert int(own.num_updates) == int(general.num_updates) == 12
+    own_stats, general_stats = own.pop_history(), general.pop_history()
+    assert set(own_stats) == set(general_stats)
+    for name, value in own_stats.items():
+        assert torch.equal(value.nan_to_num(-1.0), general_stats[name].nan_to_num(-1.0)), name

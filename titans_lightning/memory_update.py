@@ -37,17 +37,39 @@ def update_memory(memory: NeuralMemory, x: Tensor) -> Tensor:
             "the neural memory learns at test time and needs autograd, which inference mode "
             "disables; run the Trainer with inference_mode=False (the `titans` CLI does)"
         )
-    old, old_state = memory.fast_weights, dict(memory.strategy_state._buffers)
-    surprise, grads, new = _compute(memory, x, old, old_state)
-    check = surprise.detach() + _state_flag(memory, old_state)  # NaN where the state is not
-    ok, kept = kernels.commit_update(check, grads, new, old, memory.num_updates,
-                                     memory.skipped_updates)
-    if memory.differentiable and torch.is_grad_enabled() and not bool(ok.all()):
-        ok, kept = _redo_without_skipped(memory, x, old, old_state, ok)
+    old = memory.fast_weights
+    if memory.strategy is titans_default and memory.reduce is None:
+        surprise, grads, ok, kept = _titans_default_update(memory, x, old)
+    else:
+        old_state = dict(memory.strategy_state._buffers)
+        surprise, grads, new = _compute(memory, x, old, old_state)
+        check = surprise.detach() + _state_flag(memory, old_state)  # NaN where the state is not
+        ok, kept = kernels.commit_update(check, grads, new, old, memory.num_updates,
+                                         memory.skipped_updates)
+        if memory.differentiable and torch.is_grad_enabled() and not bool(ok.all()):
+            ok, kept = _redo_without_skipped(memory, x, old, old_state, ok)
+        _commit_state(memory, old_state, ok)
     memory.fast_weights = kept
-    _commit_state(memory, old_state, ok)
     memory.update_log.record(surprise, grads, old, kept, ok, memory._gate)
     return surprise
+
+
+def _titans_default_update(memory: NeuralMemory, x: Tensor, old: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The built-in ``titans_default``'s update without the contract's round trips: its keys and
+    values, the surprise with its gradient in one call, and its step with the commit in one more
+    (:func:`kernels.momentum_step`, one pass on the CPU kernel). The same numbers as its four
+    functions through the general path (tested). Returns (surprise, grads, ok, kept weights) and keeps the momentum where ok."""
+    state = memory.strategy_state._buffers
+    keys, values = kernels.keys_values(x, state["key_proj"], state["value_proj"])
+    surprise, grads = recall_error_and_gradient(keys, values, old, memory.layout)
+    alpha, eta, theta = (memory.options.get(k, v) for k, v in titans_default.DEFAULTS.items())
+    ok, kept, momentum = kernels.momentum_step(surprise, grads, old, state["momentum"], alpha,
+                                               eta, theta, memory.num_updates,
+                                               memory.skipped_updates)
+    memory.strategy_state.momentum = momentum
+    memory._gate = None
+    return surprise, grads, ok, kept
 
 
 def _compute(memory: NeuralMemory, x: Tensor, old: Tensor, old_state: dict[str, Tensor]

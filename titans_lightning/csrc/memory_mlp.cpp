@@ -327,4 +327,42 @@ int titans_memory_commit(const float* surprise, const float* grads, const float*
   return kOk;
 }
 
+// The Titans rule's step (titans_default's apply_update, Eqs. 13-14) and the harness's check, in
+// one pass: per slot i, m' = eta m - theta g and w' = alpha w + m' (each product and sum rounded
+// to float, as PyTorch's operators round them); ok[i] = 1 when the surprise, g, w' and m' are
+// all finite; weights[i], momentum_out[i] = (w', m') where ok, else (old, momentum). No fused
+// multiply-add: it would round differently from the rule's PyTorch operators.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+int titans_momentum_step(const float* surprise, const float* grads, const float* old,
+                         const float* momentum, int64_t S, int64_t n, float alpha, float eta,
+                         float theta, float* weights, float* momentum_out, bool* ok,
+                         int64_t* updates, int64_t* skipped) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  if (S < 0 || n < 0) return kUnsupportedSize;
+  for (int64_t i = 0; i < S; ++i) {
+    const float *g = grads + i * n, *w = old + i * n, *m = momentum + i * n;
+    float *w_out = weights + i * n, *m_out = momentum_out + i * n;
+    float zero = surprise[i] * 0.0f;  // 0 for finite x, NaN for inf and NaN
+    for (int64_t e = 0; e < n; ++e) {
+      const float kept = eta * m[e], step = theta * g[e];
+      const float m_new = kept - step, retained = alpha * w[e];
+      m_out[e] = m_new;
+      w_out[e] = retained + m_new;
+      zero += g[e] * 0.0f + w_out[e] * 0.0f + m_new * 0.0f;
+    }
+    ok[i] = zero == 0.0f;
+    if (!ok[i]) {
+      std::memcpy(w_out, w, sizeof(float) * n);
+      std::memcpy(m_out, m, sizeof(float) * n);
+    }
+    *skipped += !ok[i];
+  }
+  *updates += 1;
+  return kOk;
+}
+
 }  // extern "C"

@@ -33,7 +33,7 @@ MEMORY_HIDDEN = (16, 32, 64)  # and h
 
 __all__ = ["attention", "add_norm", "feed_forward_add_norm", "mac_query", "keys_values",
            "memory_mlp", "recall_error", "recall_error_and_gradient", "commit_update",
-           "all_finite", "dropout_draws", "why_not", "available"]
+           "momentum_step", "all_finite", "dropout_draws", "why_not", "available"]
 
 
 # -- the encoder layer -------------------------------------------------------------------------
@@ -161,6 +161,20 @@ def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, upd
     if _runs_on_kernel("commit_update", surprise, grads, new, old, updates, skipped):
         return cpu.commit_update(surprise, grads, new, old, updates, skipped)
     return reference.commit_update(surprise, grads, new, old, updates, skipped)
+
+
+def momentum_step(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor, alpha: float,
+                  eta: float, theta: float, updates: Tensor, skipped: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Titans rule's step from the gradients (S, n) and the momentum (S, n),
+    ``m' = eta m - theta g`` and ``w' = alpha old + m'``, committed as :func:`commit_update`
+    commits (the surprise (S,), g, w' and m' checked per slot): (ok (S,), the weights to keep,
+    the momentum to keep), each slot's pair new where ok, else old. Counts as it does."""
+    if _runs_on_kernel("momentum_step", surprise, grads, old, momentum, updates, skipped):
+        return cpu.momentum_step(surprise, grads, old, momentum, alpha, eta, theta, updates,
+                                 skipped)
+    return reference.momentum_step(surprise, grads, old, momentum, alpha, eta, theta, updates,
+                                   skipped)
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -334,6 +348,14 @@ def _commit_refusals(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor,
     yield from _no_grad_needed(surprise, grads, new, old)
 
 
+def _momentum_step_refusals(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor,
+                            updates: Tensor, skipped: Tensor) -> Iterator[str]:
+    if momentum.shape != old.shape:
+        yield f"a momentum {tuple(momentum.shape)} of another shape than the weights " \
+              f"{tuple(old.shape)}"
+    yield from _commit_refusals(surprise, grads, momentum, old, updates, skipped)
+
+
 _REFUSALS: dict[str, Callable[..., Iterator[str]]] = {
     "attention": _attention_refusals,
     "add_norm": _add_norm_refusals,
@@ -343,4 +365,5 @@ _REFUSALS: dict[str, Callable[..., Iterator[str]]] = {
     "memory_mlp": _memory_refusals,
     "recall_error": _recall_error_refusals,
     "commit_update": _commit_refusals,
+    "momentum_step": _momentum_step_refusals,
 }

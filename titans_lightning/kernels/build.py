@@ -48,6 +48,7 @@ SIGNATURES = {  # every function returns a status (csrc/status.h)
     "titans_mlp_backward": [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P],
     "titans_mlp_surprise_and_gradient": [_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "titans_memory_commit": [_P, _P, _P, _P, _I64, _I64, _P, _P, _P, _P],
+    "titans_momentum_step": [_P, _P, _P, _P, _I64, _I64, _F32, _F32, _F32, _P, _P, _P, _P, _P],
 }
 
 

@@ -385,3 +385,21 @@ def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, upd
           old.data_ptr(), S, n, weights.data_ptr(), ok.data_ptr(), updates.data_ptr(),
           skipped.data_ptr())
     return ok, weights
+
+
+def momentum_step(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor, alpha: float,
+                  eta: float, theta: float, updates: Tensor, skipped: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Titans rule's step and the commit in one pass: per slot, ``m' = eta m - theta g``,
+    ``w' = alpha w + m'``, whether the surprise (S,), g, w' and m' (S, n) are all finite (ok),
+    and the weights and momentum to keep: (w', m') where ok, else (old, momentum). Counts the
+    update and its skipped slots (int64 scalars, in place)."""
+    surprise, grads = _plain(surprise), _plain(grads)
+    old, momentum = _plain(old), _plain(momentum)
+    S, n = old.shape
+    weights, kept_momentum = torch.empty_like(old), torch.empty_like(momentum)
+    ok = torch.empty(S, dtype=torch.bool, device=old.device)
+    _call("titans_momentum_step", surprise.data_ptr(), grads.data_ptr(), old.data_ptr(),
+          momentum.data_ptr(), S, n, alpha, eta, theta, weights.data_ptr(),
+          kept_momentum.data_ptr(), ok.data_ptr(), updates.data_ptr(), skipped.data_ptr())
+    return ok, weights, kept_momentum

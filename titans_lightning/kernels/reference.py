@@ -313,3 +313,18 @@ def commit_update(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor, upd
     updates.add_(1)
     skipped.add_(ok.numel() - ok.sum())
     return ok, torch.where(ok[:, None], new, old)
+
+
+def momentum_step(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor, alpha: float,
+                  eta: float, theta: float, updates: Tensor, skipped: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The Titans rule's step (``titans_default.apply_update``: ``m' = eta m - theta g``,
+    ``w' = alpha w + m'``) and the commit of :func:`commit_update`, the momentum kept or rolled
+    back with the weights: (ok (S,), weights, momentum (S, n))."""
+    new_momentum = eta * momentum - theta * grads
+    new = alpha * old + new_momentum
+    ok = all_finite(surprise.reshape(old.shape[0], -1), grads, new, new_momentum)  # (S,)
+    updates.add_(1)
+    skipped.add_(ok.numel() - ok.sum())
+    keep = ok[:, None]
+    return ok, torch.where(keep, new, old), torch.where(keep, new_momentum, momentum)
