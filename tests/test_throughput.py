@@ -34,3 +34,33 @@ def test_a_timed_training_batch_is_scored_by_the_modules_loss(monkeypatch):
     ((shape, targets, first),) = calls
     assert shape == (2, 20, 1) and targets is batch and first == 3  # C - 1, as the module
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_own_path_times_the_three_update_paths_it_names(monkeypatch):
+    """benchmarks/own_path.py's premise: its three rules take the built-in rule's own path, the
+    general path with the one-call surprise, and the general path with autograd's."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("own_path", SCRIPT.parent / "own_path.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from titans_lightning import kernels, memory_network, memory_update
+    seen = []
+    real_step, real_pair = kernels.momentum_step, memory_update.recall_error_and_gradient
+    monkeypatch.setattr(kernels, "momentum_step",
+                        lambda *a: seen.append("step") or real_step(*a))
+    monkeypatch.setattr(memory_update, "recall_error_and_gradient",
+                        lambda *a: seen.append("one call") or real_pair(*a))
+    assert memory_network.recall_error_and_gradient is not memory_update.recall_error_and_gradient
+    paths, surprises = {}, {}
+    for key, rule in script.RULES.items():
+        torch.manual_seed(0)
+        memory = MACTitan(context_window=4, hidden_dim=16, dim_feedforward=16,
+                          strategy=rule).memories[0]
+        seen.clear()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            surprises[key] = memory.update(torch.randn(1, 8, 16))
+        paths[key] = sorted(set(seen))
+    assert paths == {"own": ["one call", "step"], "shortcut": ["one call"], "general": []}
+    assert torch.equal(surprises["own"], surprises["shortcut"])
+    torch.testing.assert_close(surprises["general"], surprises["own"])
