@@ -438,7 +438,7 @@ def test_commit_kernel_keeps_the_old_weights_of_exactly_the_non_finite_slots():
 
 def test_momentum_step_kernel_is_the_rules_operators_to_the_bit_and_rolls_back_per_slot():
     torch.manual_seed(0)
-    S, n = 6, 1072
+    S, n = 6, 1073  # not a multiple of the vector width: the tail is compared too
     surprise, grads = torch.rand(S), torch.randn(S, n)
     old, momentum = torch.randn(S, n), torch.randn(S, n)
     surprise[1] = float("nan")
@@ -447,7 +447,7 @@ def test_momentum_step_kernel_is_the_rules_operators_to_the_bit_and_rolls_back_p
     old[4] = 3e38  # finite, and alpha * 3e38 stays finite
     counters = {k: (torch.tensor(5), torch.tensor(2)) for k in ("kernel", "operators")}
     args = (surprise, grads, old, momentum)
-    assert kernels.why_not("momentum_step", *args, *counters["kernel"]) == []
+    assert kernels.why_not("momentum_step", *args, 0.999, 0.9, 0.01, *counters["kernel"]) == []
     ok, weights, kept = cpu.momentum_step(*args, 0.999, 0.9, 0.01, *counters["kernel"])
     want = reference.momentum_step(*args, 0.999, 0.9, 0.01, *counters["operators"])
     assert ok.tolist() == want[0].tolist() == [True, False, False, False, True, True]
@@ -460,8 +460,10 @@ def test_momentum_step_kernel_is_the_rules_operators_to_the_bit_and_rolls_back_p
     torch.testing.assert_close(kept[3], momentum[3], **exactly)  # its NaN kept, not spread
     assert [int(c) for c in counters["kernel"]] == [int(c) for c in counters["operators"]] \
         == [6, 5]
-    assert kernels.why_not("momentum_step", surprise, grads, old, momentum[:, :9],
-                           *counters["kernel"])[0].startswith("a momentum (6, 9) of another shape")
+    assert kernels.why_not("momentum_step", surprise, grads, old, momentum[:, :9], 0.999, 0.9,
+                           0.01, *counters["kernel"])[0].startswith("a momentum (6, 9) of another")
+    assert kernels.why_not("momentum_step", *args, 0.999, 0.9, torch.tensor(0.01),
+                           *counters["kernel"]) == ["theta a Tensor, the kernel takes a number"]
 
 
 @pytest.mark.parametrize("windows, L, e", [(128, 36, 8), (3, 5, 4), (2, 68, 8), (4, 17, 16)])

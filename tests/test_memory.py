@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from titans_lightning import NeuralMemory, StrategyError, load_strategy
+from titans_lightning import NeuralMemory, StrategyError, kernels, load_strategy
+from titans_lightning.kernels import cpu
 from titans_lightning.strategies import titans_default
 
 
@@ -256,6 +257,11 @@ def test_the_default_rules_own_path_is_its_four_functions_to_the_bit(monkeypatch
     """The harness runs the built-in titans_default without the contract's round trips; a copy
     of its functions (another object) takes the general path, and every number agrees."""
     monkeypatch.setenv("TITANS_LIGHTNING_FUSED", kernels_on)
+    if kernels_on == "1" and not kernels.available():
+        pytest.skip("no C++ compiler for the kernels")
+    steps = []
+    real_step = cpu.momentum_step
+    monkeypatch.setattr(cpu, "momentum_step", lambda *a: steps.append(1) or real_step(*a))
     memories = []
     for rule in (titans_default, strategy_module()):
         torch.manual_seed(0)
@@ -269,6 +275,7 @@ def test_the_default_rules_own_path_is_its_four_functions_to_the_bit(monkeypatch
             x[slots - 1, 3, 2] = float("nan")  # that slot skips this update
         own, general = (m.update(x) for m in memories)
         assert torch.equal(own.nan_to_num(-1.0), general.nan_to_num(-1.0))
+    assert len(steps) == (12 if kernels_on == "1" else 0)  # the own path ran, on the kernel
     own, general = memories
     assert torch.equal(own.fast_weights, general.fast_weights)
     assert torch.equal(own.state["momentum"], general.state["momentum"])
@@ -278,3 +285,24 @@ def test_the_default_rules_own_path_is_its_four_functions_to_the_bit(monkeypatch
     assert set(own_stats) == set(general_stats)
     for name, value in own_stats.items():
         assert torch.equal(value.nan_to_num(-1.0), general_stats[name].nan_to_num(-1.0)), name
+
+
+def test_the_default_rule_with_a_function_replaced_or_a_bad_momentum_takes_the_general_path(
+        monkeypatch):
+    torch.manual_seed(0)
+    memory = NeuralMemory()
+    calls, original = [], titans_default.apply_update
+
+    def nan_step(memory, grads, surprise):
+        calls.append(1)
+        return {n: w * float("nan") for n, w in original(memory, grads, surprise).items()}
+
+    monkeypatch.setattr(titans_default, "apply_update", nan_step)
+    memory.update(torch.randn(1, 16, 16))
+    assert calls == [1] and int(memory.skipped_updates) == 1  # the replacement ran
+    monkeypatch.undo()
+    memory.strategy_state.momentum = torch.zeros(1, 1, memory.fast_weights.shape[1])
+    before = memory.fast_weights.clone()
+    with pytest.raises(StrategyError, match="titans_default' broke the contract in apply_update"):
+        memory.update(torch.randn(1, 16, 16))
+    assert torch.equal(memory.fast_weights, before)  # refused, not committed in a wrong shape

@@ -170,7 +170,8 @@ def momentum_step(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor
     ``m' = eta m - theta g`` and ``w' = alpha old + m'``, committed as :func:`commit_update`
     commits (the surprise (S,), g, w' and m' checked per slot): (ok (S,), the weights to keep,
     the momentum to keep), each slot's pair new where ok, else old. Counts as it does."""
-    if _runs_on_kernel("momentum_step", surprise, grads, old, momentum, updates, skipped):
+    if _runs_on_kernel("momentum_step", surprise, grads, old, momentum, alpha, eta, theta,
+                       updates, skipped):
         return cpu.momentum_step(surprise, grads, old, momentum, alpha, eta, theta, updates,
                                  skipped)
     return reference.momentum_step(surprise, grads, old, momentum, alpha, eta, theta, updates,
@@ -349,7 +350,11 @@ def _commit_refusals(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor,
 
 
 def _momentum_step_refusals(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor,
-                            updates: Tensor, skipped: Tensor) -> Iterator[str]:
+                            alpha: float, eta: float, theta: float, updates: Tensor,
+                            skipped: Tensor) -> Iterator[str]:
+    for name, value in (("alpha", alpha), ("eta", eta), ("theta", theta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            yield f"{name} a {type(value).__name__}, the kernel takes a number"
     if momentum.shape != old.shape:
         yield f"a momentum {tuple(momentum.shape)} of another shape than the weights " \
               f"{tuple(old.shape)}"
