@@ -17,7 +17,6 @@ commits, the device and the wall time as one JSON line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import importlib.util
 import json
@@ -30,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from throughput import device_description, one_batch  # beside this file
+from throughput import append_record, one_batch  # beside this file
 from titans_lightning import MACTitan
-from titans_lightning.results import git_commit
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -115,14 +113,7 @@ def main() -> None:
             print(f"C={C} largest prediction difference "
                   f"{result[f'max_abs_prediction_difference_c{C}']:.2e}", flush=True)
     if args.out:
-        run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
-               "against": against, "device": device_description(torch.device("cpu")), "threads": args.threads,
-               "seed": 0, "batches": args.batches, "warmup": args.warmup,
-               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
-               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                   timespec="seconds")}
-        with open(args.out, "a") as out:
-            out.write(json.dumps(run) + "\n")
+        append_record(args, result, every_batch, torch.device("cpu"), started, against=against)
     print(json.dumps(result))
 
 

@@ -19,7 +19,6 @@ appends them as one JSON line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import time
@@ -28,9 +27,8 @@ import types
 import torch
 
 from compare_commits import compare  # beside this file
-from throughput import device_description
+from throughput import append_record
 from titans_lightning import MACTitan
-from titans_lightning.results import git_commit
 from titans_lightning.strategies import titans_default
 
 CONTRACT = ("init_memory_state", "compute_keys_values", "compute_surprise", "apply_update")
@@ -86,14 +84,7 @@ def main() -> None:
                   f"shortcut / general {medians['shortcut'] / medians['general']:.3f}",
                   flush=True)
     if args.out:
-        run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
-               "device": device_description(torch.device("cpu")), "threads": args.threads,
-               "seed": 0, "batches": args.batches, "warmup": args.warmup,
-               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
-               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                   timespec="seconds")}
-        with open(args.out, "a") as out:
-            out.write(json.dumps(run) + "\n")
+        append_record(args, result, every_batch, torch.device("cpu"), started)
     print(json.dumps(result))
 
 

@@ -107,17 +107,24 @@ def main() -> None:
             print(f"C={C} {mode}: median {statistics.median(times):.3f} s/batch "
                   f"(min {min(times):.3f}, max {max(times):.3f}, {len(times)} batches)", flush=True)
     if args.out:
-        run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
-               "device": device_description(device), "threads": args.threads, "seed": 0,
-               "batches": args.batches, "warmup": args.warmup,
-               "variant": "library-encoder" if args.library_encoder
-               else "no-kernels" if args.no_kernels else "kernels", "compile": args.compile,
-               "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
-               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                   timespec="seconds")}
-        with open(args.out, "a") as out:
-            out.write(json.dumps(run) + "\n")
+        append_record(args, result, every_batch, device, started,
+                      variant="library-encoder" if args.library_encoder
+                      else "no-kernels" if args.no_kernels else "kernels", compile=args.compile)
     print(json.dumps(result))
+
+
+def append_record(args: argparse.Namespace, result: dict, every_batch: dict,
+                  device: torch.device, started: float, **setting) -> None:
+    """Append one timing run to ``args.out`` as a JSON line: the figures, every batch's time,
+    the commit, device, threads, seed, batch counts, ``setting``, torch and the wall time."""
+    run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
+           "device": device_description(device), "threads": args.threads, "seed": 0,
+           "batches": args.batches, "warmup": args.warmup, **setting,
+           "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
+           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds")}
+    with open(args.out, "a") as out:
+        out.write(json.dumps(run) + "\n")
 
 
 def device_description(device: torch.device) -> str:
