@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .contract import StrategyError, probing
+from .contract import CONTRACT, StrategyError, probing
 from .memory_network import recall_error_and_gradient
 from .strategies import titans_default
 
@@ -30,9 +30,7 @@ if TYPE_CHECKING:
     from .memory import NeuralMemory
 
 # titans_default's four functions as shipped: a replaced one sends the rule down the general path
-_TITANS_DEFAULT_FUNCTIONS = {name: getattr(titans_default, name) for name in
-                             ("init_memory_state", "compute_keys_values", "compute_surprise",
-                              "apply_update")}
+_TITANS_DEFAULT_FUNCTIONS = {name: getattr(titans_default, name) for name in CONTRACT}
 
 
 def update_memory(memory: NeuralMemory, x: Tensor) -> Tensor:
@@ -79,12 +77,13 @@ def _titans_default_update(memory: NeuralMemory, x: Tensor, old: Tensor
     (:func:`kernels.momentum_step`, one pass on the CPU kernel). The same numbers as its four
     functions through the general path (tested). On one CPU thread, against the general path
     with the one-call surprise, it takes 6 % off an evaluation batch at context 16 and 1-2 %
-    off the others (``benchmarks/own_path.py``). Returns (surprise, grads, ok, kept weights) and keeps the momentum where ok."""
-    state = memory.strategy_state._buffers
-    keys, values = kernels.keys_values(x, state["key_proj"], state["value_proj"])
+    off the others (``benchmarks/own_path.py``). Returns (surprise, grads, ok, kept weights)
+    and keeps the momentum where ok."""
+    keys, values = titans_default.compute_keys_values(memory, x)
     surprise, grads = recall_error_and_gradient(keys, values, old, memory.layout)
     alpha, eta, theta = (memory.options.get(k, v) for k, v in titans_default.DEFAULTS.items())
-    ok, kept, momentum = kernels.momentum_step(surprise, grads, old, state["momentum"], alpha,
+    momentum = memory.strategy_state._buffers["momentum"]
+    ok, kept, momentum = kernels.momentum_step(surprise, grads, old, momentum, alpha,
                                                eta, theta, memory.num_updates,
                                                memory.skipped_updates)
     memory.strategy_state.momentum = momentum
