@@ -17,7 +17,7 @@ it takes first reaches an operation.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -186,7 +186,10 @@ def why_not(op: str, *args) -> list[str]:
     (``"library not built: ..."``) is reported only then."""
     if op not in _REFUSALS:
         raise ValueError(f"no operation {op!r}; the operations are {sorted(_REFUSALS)}")
-    return list(_refusals(op, *args))
+    reasons = _REFUSALS[op](*args)
+    if not reasons and build.failure() is not None:
+        reasons.append(f"library not built: {build.failure()}")
+    return reasons
 
 
 def available() -> bool:
@@ -195,173 +198,168 @@ def available() -> bool:
 
 
 def _runs_on_kernel(op: str, *args) -> bool:
-    return next(_refusals(op, *args), None) is None
+    # Asked about 600 times per batch, so the refusals are plain functions returning lists
+    # (a chain of generators cost several times more) and the build is asked last.
+    return not _REFUSALS[op](*args) and build.failure() is None
 
 
-def _refusals(op: str, *args) -> Iterator[str]:
-    refused = False
-    for reason in _REFUSALS[op](*args):
-        refused = True
-        yield reason
-    if not refused:
-        failure = build.failure()  # the first call that would run on the kernels builds them
-        if failure is not None:
-            yield f"library not built: {failure}"
-
-
-def _cpu_float32(*tensors: Tensor, autocast: bool = True) -> Iterator[str]:
+def _cpu_float32(*tensors: Tensor, autocast: bool = True) -> list[str]:
     """The switch, devices and dtypes (and CPU autocast, whose operators would hand the kernels
-    other dtypes), each reason once. Asked a few hundred times per batch: the usual case, all
-    float32 on the CPU, takes one attribute test per tensor."""
-    if build.switched_off():
-        yield f"disabled by {build.SWITCH}=0"
+    other dtypes), each reason once. The usual case, all float32 on the CPU, takes one
+    attribute test per tensor."""
+    reasons = [f"disabled by {build.SWITCH}=0"] if build.switched_off() else []
     for t in tensors:
         if not t.is_cpu or t.dtype is not torch.float32:
             devices = {t.device.type for t in tensors if not t.is_cpu}
-            yield from (f"tensor on {device}" for device in sorted(devices))
+            reasons += [f"tensor on {device}" for device in sorted(devices)]
             dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors
                       if t.dtype is not torch.float32}
-            yield from (f"{dtype} tensor" for dtype in sorted(dtypes))
+            reasons += [f"{dtype} tensor" for dtype in sorted(dtypes)]
             break
     if autocast and torch.is_autocast_enabled("cpu"):
-        yield "CPU autocast is on"
+        reasons.append("CPU autocast is on")
+    return reasons
 
 
-def _no_grad_needed(*tensors: Tensor) -> Iterator[str]:
+def _no_grad_needed(*tensors: Tensor) -> list[str]:
     if cpu._needs_grad(*tensors):
-        yield "a gradient is needed (the kernel has no backward pass)"
+        return ["a gradient is needed (the kernel has no backward pass)"]
+    return []
 
 
-def _rows(x: Tensor, what: str = "rows") -> Iterator[str]:
+def _rows(x: Tensor, what: str = "rows") -> list[str]:
     if x.shape[-1] != ROW_WIDTH:
-        yield f"{what} of width {x.shape[-1]}, the kernel takes {ROW_WIDTH}"
+        return [f"{what} of width {x.shape[-1]}, the kernel takes {ROW_WIDTH}"]
+    return []
 
 
-def _dropout_probability(p: float) -> Iterator[str]:
+def _dropout_probability(p: float) -> list[str]:
     if not 0.0 <= p < 1.0:
-        yield f"dropout probability {p} outside [0, 1)"
+        return [f"dropout probability {p} outside [0, 1)"]
+    return []
 
 
-def _norm(norm: nn.LayerNorm) -> Iterator[str]:
+def _norm(norm: nn.LayerNorm) -> list[str]:
     if tuple(norm.normalized_shape) != (ROW_WIDTH,) or norm.weight is None or norm.bias is None:
-        yield f"a layer norm other than an affine one over {ROW_WIDTH} features"
+        return [f"a layer norm other than an affine one over {ROW_WIDTH} features"]
+    return []
 
 
-def _linear(linear: nn.Linear, name: str, outputs: int | None = ROW_WIDTH) -> Iterator[str]:
+def _linear(linear: nn.Linear, name: str, outputs: int | None = ROW_WIDTH) -> list[str]:
+    reasons = []
     if linear.in_features != ROW_WIDTH or (outputs is not None and linear.out_features != outputs):
-        yield f"{name} of {linear.in_features} -> {linear.out_features} features"
+        reasons.append(f"{name} of {linear.in_features} -> {linear.out_features} features")
     if linear.bias is None:
-        yield f"{name} without a bias"
+        reasons.append(f"{name} without a bias")
+    return reasons
 
 
-def _attention_refusals(qkv: Tensor, heads: int, p: float) -> Iterator[str]:
-    yield from _cpu_float32(qkv)
+def _attention_refusals(qkv: Tensor, heads: int, p: float) -> list[str]:
+    reasons = _cpu_float32(qkv)
     e, L = qkv.shape[-1] // 3 // heads, qkv.shape[-2]
     if e not in HEAD_WIDTHS:
-        yield f"head width {e} not among the kernel's {HEAD_WIDTHS}"
+        reasons.append(f"head width {e} not among the kernel's {HEAD_WIDTHS}")
     if not 1 <= L <= MAX_TOKENS:
-        yield f"windows of {L} tokens, the kernel takes 1 to {MAX_TOKENS}"
-    yield from _dropout_probability(p)
+        reasons.append(f"windows of {L} tokens, the kernel takes 1 to {MAX_TOKENS}")
+    return reasons + _dropout_probability(p)
 
 
 def _add_norm_refusals(x: Tensor, r: Tensor, norm: nn.LayerNorm, p: float, drops=None,
-                       project: nn.Linear | None = None) -> Iterator[str]:
+                       project: nn.Linear | None = None) -> list[str]:
     weights = (norm.weight, norm.bias) if norm.weight is not None and norm.bias is not None else ()
+    reasons = []
     if project is not None:
         weights += tuple(t for t in (project.weight, project.bias) if t is not None)
-        yield from _linear(project, "a projection")
-    yield from _cpu_float32(x, r, *weights)
-    yield from _rows(x)
-    yield from _norm(norm)
+        reasons += _linear(project, "a projection")
+    reasons += _cpu_float32(x, r, *weights) + _rows(x) + _norm(norm)
     if project is None and r.shape != x.shape:
-        yield f"a residual branch {tuple(r.shape)} of another shape than its input"
-    yield from _dropout_probability(p)
+        reasons.append(f"a residual branch {tuple(r.shape)} of another shape than its input")
+    return reasons + _dropout_probability(p)
 
 
 def _feed_forward_refusals(x: Tensor, linear1: nn.Linear, linear2: nn.Linear,
-                           norm: nn.LayerNorm, p: float, drops=None) -> Iterator[str]:
+                           norm: nn.LayerNorm, p: float, drops=None) -> list[str]:
     params = [t for t in (linear1.weight, linear1.bias, linear2.weight, linear2.bias,
                           norm.weight, norm.bias) if t is not None]
-    yield from _cpu_float32(x, *params)
-    yield from _rows(x)
+    reasons = _cpu_float32(x, *params) + _rows(x)
     f = linear1.out_features
     if f % 16:
-        yield f"feed-forward width {f}, not a multiple of 16"
-    yield from _linear(linear1, "linear1", outputs=None)
+        reasons.append(f"feed-forward width {f}, not a multiple of 16")
+    reasons += _linear(linear1, "linear1", outputs=None)
     if linear2.bias is None:
-        yield "linear2 without a bias"
-    yield from _norm(norm)
-    yield from _dropout_probability(p)
+        reasons.append("linear2 without a bias")
+    return reasons + _norm(norm) + _dropout_probability(p)
 
 
-def _mac_query_refusals(x: Tensor, linear: nn.Linear, then_silu: bool) -> Iterator[str]:
+def _mac_query_refusals(x: Tensor, linear: nn.Linear, then_silu: bool) -> list[str]:
     weights = [t for t in (linear.weight, linear.bias) if t is not None]
-    yield from _cpu_float32(x, *weights)
-    yield from _rows(x)
-    yield from _linear(linear, "a query")
-    yield from _no_grad_needed(x, *weights)
+    return (_cpu_float32(x, *weights) + _rows(x) + _linear(linear, "a query")
+            + _no_grad_needed(x, *weights))
 
 
-def _keys_values_refusals(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> Iterator[str]:
-    yield from _cpu_float32(x, key_proj, value_proj)
-    yield from _rows(x)
+def _keys_values_refusals(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> list[str]:
+    reasons = _cpu_float32(x, key_proj, value_proj) + _rows(x)
     for name, proj in (("key", key_proj), ("value", value_proj)):
         if tuple(proj.shape) != (ROW_WIDTH, ROW_WIDTH):
-            yield f"a {name} projection {tuple(proj.shape)}, the kernel takes (16, 16)"
-    yield from _no_grad_needed(x, key_proj, value_proj)
+            reasons.append(f"a {name} projection {tuple(proj.shape)}, the kernel takes (16, 16)")
+    return reasons + _no_grad_needed(x, key_proj, value_proj)
 
 
-def _memory_refusals(q: Tensor, flat: Tensor, *others: Tensor) -> Iterator[str]:
-    yield from _cpu_float32(q, flat, *others)
+def _memory_refusals(q: Tensor, flat: Tensor, *others: Tensor) -> list[str]:
+    reasons = _cpu_float32(q, flat, *others)
     if q.dim() != 3 or flat.dim() != 2 or flat.shape[0] != q.shape[0]:
-        yield f"queries {tuple(q.shape)} and weights {tuple(flat.shape)} not (S, R, d), (S, n)"
-        return
+        return reasons + [f"queries {tuple(q.shape)} and weights {tuple(flat.shape)} not "
+                          "(S, R, d), (S, n)"]
     d = q.shape[-1]
     h = reference.hidden_width(flat, d)
     if flat.shape[1] != 2 * h * d + h + d:
-        yield f"{flat.shape[1]} weights per slot are no two-layer memory of width {d}"
+        reasons.append(f"{flat.shape[1]} weights per slot are no two-layer memory of width {d}")
     if d not in MEMORY_WIDTHS:
-        yield f"width {d} not among the kernel's {MEMORY_WIDTHS}"
+        reasons.append(f"width {d} not among the kernel's {MEMORY_WIDTHS}")
     if h not in MEMORY_HIDDEN:
-        yield f"hidden width {h} not among the kernel's {MEMORY_HIDDEN}"
+        reasons.append(f"hidden width {h} not among the kernel's {MEMORY_HIDDEN}")
+    return reasons
 
 
 def _recall_error_refusals(keys: Tensor, values: Tensor, flat: Tensor,
-                           twice_differentiable: bool = False) -> Iterator[str]:
-    yield from _memory_refusals(keys, flat, values)
+                           twice_differentiable: bool = False) -> list[str]:
+    reasons = _memory_refusals(keys, flat, values)
     if values.shape != keys.shape:
-        yield f"values {tuple(values.shape)} of another shape than the keys {tuple(keys.shape)}"
+        reasons.append(f"values {tuple(values.shape)} of another shape than the keys "
+                       f"{tuple(keys.shape)}")
     elif keys.dim() == 3 and keys.shape[1] == 0:
-        yield "no rows"
+        reasons.append("no rows")
     if twice_differentiable:
-        yield "a second derivative is needed (the kernel's backward pass is not differentiable)"
+        reasons.append("a second derivative is needed (the kernel's backward pass is not "
+                       "differentiable)")
+    return reasons
 
 
 def _commit_refusals(surprise: Tensor, grads: Tensor, new: Tensor, old: Tensor,
-                     updates: Tensor, skipped: Tensor) -> Iterator[str]:
-    yield from _cpu_float32(surprise, grads, new, old, autocast=False)
+                     updates: Tensor, skipped: Tensor) -> list[str]:
+    reasons = _cpu_float32(surprise, grads, new, old, autocast=False)
     if (old.dim() != 2 or surprise.shape != old.shape[:1]
             or not new.shape == grads.shape == old.shape):
-        yield (f"surprise {tuple(surprise.shape)}, gradients {tuple(grads.shape)} and weights "
-               f"{tuple(new.shape)}, {tuple(old.shape)} not (S,) and (S, n)")
+        reasons.append(f"surprise {tuple(surprise.shape)}, gradients {tuple(grads.shape)} and "
+                       f"weights {tuple(new.shape)}, {tuple(old.shape)} not (S,) and (S, n)")
     if any(c.dtype != torch.int64 or c.device.type != "cpu" or c.dim() for c in (updates, skipped)):
-        yield "counters other than int64 CPU scalars"
-    yield from _no_grad_needed(surprise, grads, new, old)
+        reasons.append("counters other than int64 CPU scalars")
+    return reasons + _no_grad_needed(surprise, grads, new, old)
 
 
 def _momentum_step_refusals(surprise: Tensor, grads: Tensor, old: Tensor, momentum: Tensor,
                             alpha: float, eta: float, theta: float, updates: Tensor,
-                            skipped: Tensor) -> Iterator[str]:
-    for name, value in (("alpha", alpha), ("eta", eta), ("theta", theta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            yield f"{name} a {type(value).__name__}, the kernel takes a number"
+                            skipped: Tensor) -> list[str]:
+    reasons = [f"{name} a {type(value).__name__}, the kernel takes a number"
+               for name, value in (("alpha", alpha), ("eta", eta), ("theta", theta))
+               if isinstance(value, bool) or not isinstance(value, (int, float))]
     if momentum.shape != old.shape:
-        yield f"a momentum {tuple(momentum.shape)} of another shape than the weights " \
-              f"{tuple(old.shape)}"
-    yield from _commit_refusals(surprise, grads, momentum, old, updates, skipped)
+        reasons.append(f"a momentum {tuple(momentum.shape)} of another shape than the weights "
+                       f"{tuple(old.shape)}")
+    return reasons + _commit_refusals(surprise, grads, momentum, old, updates, skipped)
 
 
-_REFUSALS: dict[str, Callable[..., Iterator[str]]] = {
+_REFUSALS: dict[str, Callable[..., list[str]]] = {
     "attention": _attention_refusals,
     "add_norm": _add_norm_refusals,
     "feed_forward_add_norm": _feed_forward_refusals,
