@@ -1,6 +1,7 @@
 """The `titans` command: shipped configs, the run record, test and predict from a checkpoint."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -174,7 +175,23 @@ def test_the_best_validation_epoch_is_the_one_tested_and_recorded(tiny_sinwave, 
     rescored = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", best])
     assert result["test_mse"] == pytest.approx(
         float(rescored.trainer.callback_metrics["test/mse"]), rel=1e-6)
-    assert result["commit"] and len(result["commit"]) == 40
+    assert result["commit"] and len(result["commit"].removesuffix("-dirty")) == 40
+
+
+def test_a_record_names_its_commit_and_says_when_tracked_files_differ_from_it(tmp_path):
+    from titans_lightning.results import git_commit
+
+    assert git_commit(tmp_path) is None  # no checkout
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
+    run(["git", "init", "-q"])
+    (tmp_path / "code.py").write_text("x = 1\n")
+    run(["git", "add", "code.py"])
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one"])
+    head = run(["git", "rev-parse", "HEAD"], text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{head}-dirty"
 
 
 def test_version(capsys):

@@ -55,14 +55,24 @@ PREDICTION_COLUMNS = ("sequence", "position", "prediction", "target", "valid")
 PREDICT_SPLIT = "test"  # the split the shipped datamodules' predict_dataloader serves
 
 
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from, or None outside a git checkout."""
+def git_commit(folder: Path | None = None) -> str | None:
+    """The commit of the checkout this package (or ``folder``) is in, with ``-dirty`` appended
+    when tracked files differ from it, so that a record never names a commit whose code it
+    did not run; None outside a git checkout."""
+    folder = folder or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10, check=True)
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    if not commit:
+        return None
+    return f"{commit}-dirty" if changed else commit
 
 
 def device_name(trainer: L.Trainer) -> str:
