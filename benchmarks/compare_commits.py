@@ -66,15 +66,25 @@ def compare(models: dict, batch: torch.Tensor, train: bool, n: int, warmup: int
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", required=True, help="the commit to compare with")
+def add_alternating_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that times models alternately with :func:`compare`."""
     parser.add_argument("--batches", type=int, default=9, help="timed batches per model and mode")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[16, 32],
                         help="context windows to time (default: 16 32)")
     parser.add_argument("--out", help="append the comparison to this JSON-lines file")
+
+
+def sine_batch() -> torch.Tensor:
+    """The benchmark's batch shape, sinwave-like: (4, 500, 1)."""
+    return torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", required=True, help="the commit to compare with")
+    add_alternating_options(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -85,7 +95,7 @@ def main() -> None:
         other = importlib.import_module(f"{other_package}.model")
         # its own default rule: a strategy string would resolve to this checkout's package
         other_rule = importlib.import_module(f"{other_package}.strategies.titans_default")
-        batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None]  # (4, 500, 1)
+        batch = sine_batch()
         result, every_batch = {}, {}
         for C in args.contexts:
             models = {}

@@ -26,12 +26,11 @@ import types
 
 import torch
 
-from compare_commits import compare  # beside this file
+from compare_commits import add_alternating_options, compare, sine_batch  # beside this file
 from throughput import append_record
 from titans_lightning import MACTitan
+from titans_lightning.contract import CONTRACT
 from titans_lightning.strategies import titans_default
-
-CONTRACT = ("init_memory_state", "compute_keys_values", "compute_surprise", "apply_update")
 
 
 def rule_copy(**overrides) -> types.SimpleNamespace:
@@ -50,16 +49,11 @@ RULES = {"own": "titans_default", "shortcut": rule_copy(),
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=9, help="timed batches per model and mode")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[16, 32],
-                        help="context windows to time (default: 16 32)")
-    parser.add_argument("--out", help="append the comparison to this JSON-lines file")
+    add_alternating_options(parser)
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None]  # (4, 500, 1)
+    batch = sine_batch()
     result, every_batch = {}, {}
     for C in args.contexts:
         models = {}
