@@ -194,6 +194,18 @@ def test_a_record_names_its_commit_and_says_when_tracked_files_differ_from_it(tm
     assert git_commit(tmp_path) == f"{head}-dirty"
 
 
+def test_an_integer_batch_limit_is_a_count_of_batches_even_one(tiny_sinwave):
+    """Lightning takes limit_train_batches=1.0 as the whole split and 1 as one batch; the CLI
+    must not turn the 1 a user typed into 1.0 (it did, by Lightning's Union[float, int])."""
+    cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", "1", "--trainer.limit_test_batches", "1"])
+    assert cli.trainer.global_step == 1  # of 4 batches
+    other = TitansCLI([*tiny_sinwave, "--trainer.limit_train_batches", "1.0",
+                       "--trainer.limit_val_batches", "0.5"], run=False)
+    assert type(other.trainer.limit_train_batches) is float  # 1.0: the whole split
+    assert other.trainer.limit_val_batches == 0.5  # a fraction stays a fraction
+
+
 def test_version(capsys):
     from titans_lightning import __version__
 

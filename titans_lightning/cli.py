@@ -68,13 +68,37 @@ class RunConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+class Trainer(L.Trainer):
+    """Lightning's Trainer, whose ``limit_*_batches`` read from the command line or a config
+    keep an integer an integer: ``--trainer.limit_train_batches 1`` is one batch. (Lightning
+    annotates them ``Union[float, int]``, so the CLI parsed 1 as 1.0, which Lightning takes as
+    the whole split: the argument was silently ignored.)
+
+    Args:
+        limit_train_batches: training batches per epoch: an int counts them, a float in
+            [0, 1] is the fraction of the split (default: all).
+        limit_val_batches: the same for validation.
+        limit_test_batches: the same for the test.
+        limit_predict_batches: the same for predict.
+    """
+
+    def __init__(self, *, limit_train_batches: int | float | None = None,
+                 limit_val_batches: int | float | None = None,
+                 limit_test_batches: int | float | None = None,
+                 limit_predict_batches: int | float | None = None, **kwargs: Any):
+        super().__init__(**kwargs, limit_train_batches=limit_train_batches,
+                         limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches,
+                         limit_predict_batches=limit_predict_batches)
+
+
 class TitansCLI(LightningCLI):
     """LightningCLI with the model fixed, any datamodule by class path, and the run record."""
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any):
         self.fit_started = time.perf_counter()
         super().__init__(
-            TitansForecaster, L.LightningDataModule, subclass_mode_data=True,
+            TitansForecaster, L.LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
             trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=True, args=args, run=run, **kwargs)
