@@ -136,3 +136,22 @@ def test_resume_matrix_killed_mid_epoch(tiny_sinwave, in_tmp, setting):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
     assert_same_tensors(last_checkpoint(straight_cli)["state_dict"],
                         last_checkpoint(resumed_cli)["state_dict"])
+
+
+def test_without_a_run_folder_logger_ckpt_path_last_resumes_from_the_checkpoints_folder(
+        tiny_sinwave, in_tmp):
+    """With no TensorBoard or CSV logger, checkpoints go to default_root_dir/checkpoints/, where
+    Lightning's ``last`` finds them: that resume is not refused (with a run-folder logger it
+    is, since a new run folder would hold nothing)."""
+    no_logger = [*tiny_sinwave, "--trainer.logger", "false"]
+    straight = TitansCLI(["fit", *no_logger, "--trainer.max_epochs", "2",
+                          "--trainer.default_root_dir", "straight"])
+    TitansCLI(["fit", *no_logger, "--trainer.max_epochs", "1",
+               "--trainer.default_root_dir", "resumed"])
+    resumed = TitansCLI(["fit", *no_logger, "--trainer.max_epochs", "2",
+                         "--trainer.default_root_dir", "resumed", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8  # not from scratch
+    assert_same_tensors(last_checkpoint(straight)["state_dict"],
+                        last_checkpoint(resumed)["state_dict"])
+    assert json.loads(Path("resumed/result.json").read_text())["test_mse"] \
+        == json.loads(Path("straight/result.json").read_text())["test_mse"]

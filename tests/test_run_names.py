@@ -148,3 +148,28 @@ def test_every_rank_of_a_ddp_fit_logs_to_rank_zeros_folder(tiny_sinwave, in_tmp)
     assert (in_tmp / "logs" / "sinwave" / f"version_0-{DEFAULT}" / "result.json").is_file()
     assert sorted(p.name for p in (in_tmp / "logs" / "sinwave").iterdir()) == \
         [f"version_0-{DEFAULT}", "version_5-another_run"]
+
+
+def test_a_resume_points_only_the_folder_loggers_at_the_run_folder():
+    """A W&B or MLflow logger's name and version are its project's run name and id: a resume
+    must not write the TensorBoard folder's version into them."""
+    from jsonargparse import Namespace
+
+    from titans_lightning.cli import continue_in_run_folder
+
+    def logger(class_path: str, **init_args) -> Namespace:
+        return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+    loggers = [logger("lightning.pytorch.loggers.TensorBoardLogger", save_dir="logs",
+                      name="other", version=None),
+               logger("lightning.pytorch.loggers.WandbLogger", save_dir="wandb", name="mine",
+                      version="abc123", project="titans"),
+               logger("lightning.pytorch.loggers.MLFlowLogger", save_dir="./mlruns",
+                      run_name="mine", experiment_name="titans")]
+    config = Namespace(trainer=Namespace(logger=loggers))
+    continue_in_run_folder(config, "runs/sinwave/version_3-x/checkpoints/last.ckpt")
+    tensorboard, wandb, mlflow = (lg.init_args for lg in loggers)
+    assert (tensorboard.save_dir, tensorboard.name, tensorboard.version) == (
+        "runs", "sinwave", "version_3-x")
+    assert (wandb.save_dir, wandb.name, wandb.version) == ("wandb", "mine", "abc123")
+    assert mlflow == Namespace(save_dir="./mlruns", run_name="mine", experiment_name="titans")

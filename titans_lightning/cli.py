@@ -182,7 +182,7 @@ class TitansCLI(LightningCLI):
                                for logger in run_folder_loggers(config)]
         share_run_folder(config)
         if self.subcommand == "fit" and config.get("ckpt_path") in LIGHTNING_CHECKPOINT_NAMES \
-                and all(v is None for _, v in self.given_versions):
+                and self.given_versions and all(v is None for _, v in self.given_versions):
             raise ValueError(
                 f"--ckpt_path {config.ckpt_path} would look in a new run folder, find nothing there "
                 "and train from the start: give the checkpoint file of the run to resume, "
@@ -436,7 +436,8 @@ def writes_run_folder(logger: Any) -> bool:
 
 
 def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
-    """Point the loggers of a parsed config at the run folder of ``ckpt_path``.
+    """Point the TensorBoard and CSV loggers of a parsed config at the run folder of
+    ``ckpt_path`` (other loggers, W&B's or MLflow's, keep their own names and versions).
 
     Checkpoints live in ``RUN/checkpoints/``; a resumed fit logs to ``RUN`` again (same
     ``save_dir``, ``name`` and ``version``), so its checkpoint callback finds its own folder and
@@ -453,13 +454,10 @@ def continue_in_run_folder(config: Any, ckpt_path: str) -> None:
             "so far stays where it is)")
         return
     run = path.parent.parent
-    loggers = config.trainer.logger
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        init_args = getattr(logger, "init_args", None)
-        if init_args is not None and "save_dir" in init_args:
-            init_args.save_dir = str(run.parent.parent)
-            init_args.name = run.parent.name
-            init_args.version = run.name
+    for logger in run_folder_loggers(config):  # another logger's name and version mean else
+        logger.init_args.save_dir = str(run.parent.parent)
+        logger.init_args.name = run.parent.name
+        logger.init_args.version = run.name
 
 
 def name_new_run_folder(config: Any) -> None:
