@@ -167,6 +167,24 @@ def test_setting_the_viewed_weights_is_refused_and_the_memorys_own_are_kept():
         memory.at(before).set_weights(memory.weights)
 
 
+@pytest.mark.parametrize("call", ["start_sequences(3)", "reset()", "detach_()", "pop_history()",
+                                  "update(torch.randn(1, 8, 16))", "learn_initial_weights()"])
+def test_a_view_refuses_what_acts_on_the_memory_itself(call):
+    def meddles(memory, keys, values, fine):
+        eval(f"memory.{call}", {"memory": memory, "torch": torch})  # memory is memory.at(leaf)
+        return fine(memory, keys, values)
+
+    memory = broken_memory(compute_surprise=meddles)  # after one clean update
+    before, history = snapshot(memory), len(memory.history)
+    with pytest.raises(StrategyError, match="compute_surprise") as info:
+        memory.update(torch.randn(1, 8, 16))
+    assert "not available on a view" in str(info.value.__cause__ or info.value)
+    after = snapshot(memory)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(memory.history) == history
+
+
 def test_a_surprise_of_the_wrong_shape_is_refused():
     def summed(memory, keys, values, fine):
         return fine(memory, keys, values).sum()

@@ -364,6 +364,11 @@ class MemoryAt:
         object.__setattr__(self, "fast_weights", flat)
 
     def __getattr__(self, name: str) -> Any:
+        if name in _NOT_ON_A_VIEW:
+            raise AttributeError(
+                f"memory.at(...).{name}() is not available on a view of the memory: it would "
+                "act on the memory itself (its own weights, state or history), which the "
+                "harness owns; a rule changes the weights by returning them from apply_update")
         return getattr(object.__getattribute__(self, "memory"), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -391,6 +396,11 @@ class MemoryAt:
 
     def at(self, flat: Tensor) -> MemoryAt:
         return MemoryAt(self.memory, flat)
+
+
+# What the harness (or init_memory_state) calls on the memory itself, never on a view of it.
+_NOT_ON_A_VIEW = frozenset({"start_sequences", "detach_", "update", "reset", "pop_history",
+                            "learn_initial_weights", "register_state", "warn_if_skipped"})
 
 
 def _refuse_writing(what: str) -> None:
