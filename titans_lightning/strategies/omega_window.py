@@ -60,11 +60,17 @@ PAST = ("past_keys", "past_values", "past_weight")
 
 
 def init_memory_state(memory, emb_dim):
+    meta_nlms.init_memory_state(memory, emb_dim)  # K, V, theta, eta, alpha, momentum, w0
+    register_window(memory, emb_dim)
+
+
+def register_window(memory, emb_dim, rule="omega_window"):
+    """The past chunks' state (``PAST``), of the shape the options ``window`` and ``max_rows``
+    give (refused unless whole numbers >= 1)."""
     window, max_rows = (memory.options.get(k, DEFAULTS[k]) for k in ("window", "max_rows"))
     for name, value in (("window", window), ("max_rows", max_rows)):
         if value < 1 or value != int(value):
-            raise ValueError(f"omega_window needs a whole number {name} >= 1, got {value!r}")
-    meta_nlms.init_memory_state(memory, emb_dim)  # K, V, theta, eta, alpha, momentum, w0
+            raise ValueError(f"{rule} needs a whole number {name} >= 1, got {value!r}")
     shape = (memory.n_slots, int(window) - 1, int(max_rows))  # (S, W-1, m)
     memory.register_state("past_keys", torch.zeros(*shape, emb_dim), per_slot=True)
     memory.register_state("past_values", torch.zeros(*shape, emb_dim), per_slot=True)
