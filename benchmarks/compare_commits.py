@@ -24,12 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from throughput import append_record, one_batch  # beside this file
+from throughput import append_record, start, one_batch  # beside this file
 from titans_lightning import MACTitan
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -86,7 +85,7 @@ def main() -> None:
     parser.add_argument("--against", required=True, help="the commit to compare with")
     add_alternating_options(parser)
     args = parser.parse_args()
-    started = time.perf_counter()
+    started = start()
     torch.set_num_threads(args.threads)
     against = subprocess.run(["git", "-C", str(REPOSITORY), "rev-parse", args.against],
                              check=True, capture_output=True, text=True).stdout.strip()

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 import types
 
 import torch
 
 from compare_commits import add_alternating_options, compare, sine_batch  # beside this file
-from throughput import append_record
+from throughput import append_record, start
 from titans_lightning import MACTitan
 from titans_lightning.contract import CONTRACT
 from titans_lightning.strategies import titans_default
@@ -51,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_alternating_options(parser)
     args = parser.parse_args()
-    started = time.perf_counter()
+    started = start()
     torch.set_num_threads(args.threads)
     batch = sine_batch()
     result, every_batch = {}, {}

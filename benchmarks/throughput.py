@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import time
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ def main() -> None:
                         help="run these through torch.compile (as --model.compile)")
     parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
     args = parser.parse_args()
-    started = time.perf_counter()
+    started = start()
     if args.no_kernels:
         os.environ[build.SWITCH] = "0"
     if args.library_encoder:
@@ -113,14 +114,23 @@ def main() -> None:
     print(json.dumps(result))
 
 
+class Start(typing.NamedTuple):
+    time: float  # time.perf_counter() when the measurement began
+    commit: str | None  # the code it runs, taken then: the checkout may move on meanwhile
+
+
+def start() -> Start:
+    return Start(time.perf_counter(), git_commit())
+
+
 def append_record(args: argparse.Namespace, result: dict, every_batch: dict,
-                  device: torch.device, started: float, **setting) -> None:
+                  device: torch.device, started: Start, **setting) -> None:
     """Append one timing run to ``args.out`` as a JSON line: the figures, every batch's time,
     the commit, device, threads, seed, batch counts, ``setting``, torch and the wall time."""
-    run = {"result": result, "batch_seconds": every_batch, "commit": git_commit(),
+    run = {"result": result, "batch_seconds": every_batch, "commit": started.commit,
            "device": device_description(device), "threads": args.threads, "seed": 0,
            "batches": args.batches, "warmup": args.warmup, **setting,
-           "torch": torch.__version__, "wall_s": round(time.perf_counter() - started, 1),
+           "torch": torch.__version__, "wall_s": round(time.perf_counter() - started.time, 1),
            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                timespec="seconds")}
     with open(args.out, "a") as out:

@@ -178,20 +178,33 @@ def test_the_best_validation_epoch_is_the_one_tested_and_recorded(tiny_sinwave, 
     assert result["commit"] and len(result["commit"].removesuffix("-dirty")) == 40
 
 
-def test_a_record_names_its_commit_and_says_when_tracked_files_differ_from_it(tmp_path):
+def test_a_record_names_its_commit_and_says_when_its_code_differs_from_it(tmp_path):
     from titans_lightning.results import git_commit
 
-    assert git_commit(tmp_path) is None  # no checkout
+    code = ("pkg", "tools/*.py")
+    assert git_commit(tmp_path, code) is None  # no checkout
     run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
     run(["git", "init", "-q"])
-    (tmp_path / "code.py").write_text("x = 1\n")
-    run(["git", "add", "code.py"])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a table\n")
+    run(["git", "add", "pkg/code.py", "notes.md"])
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one"])
     head = run(["git", "rev-parse", "HEAD"], text=True).stdout.strip()
-    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
-    assert git_commit(tmp_path) == head
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert git_commit(tmp_path) == f"{head}-dirty"
+    (tmp_path / "notes.md").write_text("a table, updated\n")  # not code
+    (tmp_path / "scratch.txt").write_text("untracked, outside the code\n")
+    (tmp_path / "tools" / "table.md").write_text("not a .py file\n")
+    assert git_commit(tmp_path, code) == head
+    assert git_commit(tmp_path / "pkg", code) == head  # asked from inside the checkout
+    (tmp_path / "tools" / "bench.py").write_text("untracked code counts\n")
+    assert git_commit(tmp_path, code) == f"{head}-dirty"
+    (tmp_path / "tools" / "bench.py").unlink()
+    (tmp_path / "pkg" / "new_rule.py").write_text("a rule not yet added\n")
+    assert git_commit(tmp_path, code) == f"{head}-dirty"
+    (tmp_path / "pkg" / "new_rule.py").unlink()
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path, code) == f"{head}-dirty"
 
 
 def test_an_integer_batch_limit_is_a_count_of_batches_even_one(tiny_sinwave):

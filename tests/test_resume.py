@@ -155,3 +155,31 @@ def test_without_a_run_folder_logger_ckpt_path_last_resumes_from_the_checkpoints
                         last_checkpoint(resumed)["state_dict"])
     assert json.loads(Path("resumed/result.json").read_text())["test_mse"] \
         == json.loads(Path("straight/result.json").read_text())["test_mse"]
+
+
+@pytest.mark.parametrize("subcommand, logger", [
+    ("fit", []), ("fit", ["--trainer.logger", "true"]),
+    ("test", []), ("validate", []), ("predict", [])])
+def test_ckpt_path_last_that_would_find_a_new_run_folder_is_refused(tiny_sinwave, in_tmp,
+                                                                    subcommand, logger):
+    """A new version_N (the shipped loggers, Lightning's own with ``logger: true``, a W&B run)
+    holds no checkpoint: Lightning would warn, then train or score untrained weights."""
+    TitansCLI(["fit", *tiny_sinwave, *logger, "--trainer.max_epochs", "1"])
+    made = sorted(in_tmp.rglob("*"))
+    with pytest.raises(ValueError, match="--ckpt_path last finds no last checkpoint.*"
+                                         "RUN/checkpoints/last.ckpt"):
+        TitansCLI([subcommand, *tiny_sinwave, *logger, "--ckpt_path", "last"])
+    assert sorted(in_tmp.rglob("*")) == made  # no run folder left behind
+
+
+def test_a_resumed_runs_saved_config_makes_a_new_run(tiny_sinwave, in_tmp):
+    first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
+    run = Path(first.trainer.log_dir)
+    resumed = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
+                         "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert Path(resumed.trainer.log_dir) == run
+    again = TitansCLI(["fit", "--config", str(run / "config.yaml")])
+    assert Path(again.trainer.log_dir) == run.parent / f"version_1-{DEFAULT_RUN}"
+    assert again.trainer.global_step == resumed.trainer.global_step  # from the start, 2 epochs
+    assert result_of(again)["test_mse"] == pytest.approx(result_of(resumed)["test_mse"],
+                                                         rel=1e-6)

@@ -32,7 +32,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import (ArgsType, LightningArgumentParser, LightningCLI,
                                    SaveConfigCallback)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -58,13 +58,17 @@ BASE_CONFIG = Path(__file__).with_name("base.yaml")
 
 
 class RunConfig(SaveConfigCallback):
-    """Saves the configuration into the run folder: ``config.yaml`` for a fit, and
-    ``config_<stage>.yaml`` for a test, validate or predict that scores the run's checkpoint in
-    the same folder (so the fit's own configuration is never overwritten)."""
+    """Saves the configuration into the run folder: ``config.yaml`` for a fit (without the
+    ``ckpt_path`` a resume was given), and ``config_<stage>.yaml`` for a test, validate or
+    predict that scores the run's checkpoint in the same folder (so the fit's own configuration
+    is never overwritten)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         self.config_filename = "config.yaml" if stage == "fit" else f"config_{stage}.yaml"
+        if stage == "fit" and self.config.get("ckpt_path"):  # a resumed fit's: re-running the
+            self.config = self.config.clone()                 # saved config makes a new run,
+            self.config.ckpt_path = None                      # as a first fit's does
         super().setup(trainer, pl_module, stage)
 
 
@@ -97,6 +101,7 @@ class TitansCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any):
         self.fit_started = time.perf_counter()
+        self.commit = git_commit()  # the code this process runs, before the checkout moves on
         super().__init__(
             TitansForecaster, L.LightningDataModule, subclass_mode_data=True, trainer_class=Trainer,
             trainer_defaults=TRAINER_DEFAULTS, save_config_callback=RunConfig,
@@ -149,6 +154,8 @@ class TitansCLI(LightningCLI):
             _ = logger.version                # resolved before any of them writes there
         for init_args, version in self.given_versions:
             init_args.version = version  # the folder chosen for this run is not its config
+        refuse_a_missing_last_checkpoint(self.trainer, self.config[self.subcommand]
+                                         if self.subcommand else self.config)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
@@ -181,12 +188,6 @@ class TitansCLI(LightningCLI):
         self.given_versions = [(logger.init_args, logger.init_args.get("version"))
                                for logger in run_folder_loggers(config)]
         share_run_folder(config)
-        if self.subcommand == "fit" and config.get("ckpt_path") in LIGHTNING_CHECKPOINT_NAMES \
-                and self.given_versions and all(v is None for _, v in self.given_versions):
-            raise ValueError(
-                f"--ckpt_path {config.ckpt_path} would look in a new run folder, find nothing there "
-                "and train from the start: give the checkpoint file of the run to resume, "
-                "--ckpt_path RUN/checkpoints/last.ckpt (its folder is then reused)")
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
         name_new_run_folder(config)  # a folder that neither the user nor a checkpoint chose
@@ -234,7 +235,7 @@ class TitansCLI(LightningCLI):
                                      "test_mse": scores.get("test/mse"),
                                      "test_mae": scores.get("test/mae"),
                                      "config": self.config_as_dict(),
-                                     "commit": git_commit(), "device": device_name(self.trainer)},
+                                     "commit": self.commit, "device": device_name(self.trainer)},
                             name=TEST_FILE)
         print(f"test MSE {scores.get('test/mse', float('nan')):.6f}\nscores: {path}")
 
@@ -290,7 +291,7 @@ class TitansCLI(LightningCLI):
         hparams = self.model.hparams
         return {
             "config": self.config_as_dict(),
-            "commit": git_commit(),
+            "commit": self.commit,
             "seed": self.config["fit"]["seed_everything"],
             # this attempt, plus the attempts before it up to the checkpoint it resumed from
             "wall_s": round(self.model.earlier_fit_wall_s
@@ -588,6 +589,25 @@ def holds_only_setup_files(folder: Path) -> bool:
     """Whether ``folder`` holds only what a run writes before its first step."""
     return all(p.is_dir() and not any(p.iterdir()) or p.name.startswith(SETUP_FILES)
                for p in folder.iterdir())
+
+
+def refuse_a_missing_last_checkpoint(trainer: L.Trainer, config: Any) -> None:
+    """``--ckpt_path last`` where the run's checkpoint folder holds no ``last.ckpt``: Lightning
+    would warn, then fit from the start or score the untrained model, and exit 0. That folder
+    is a new run's whenever the logger picks a new version (``logger: true``, the shipped
+    TensorBoard and CSV loggers without a version, W&B's or MLflow's new run), so refuse."""
+    if config.get("ckpt_path") != "last":
+        return
+    found = set().union(*(callback._find_last_checkpoints(trainer)  # Lightning's own lookup
+                          for callback in trainer.checkpoint_callbacks
+                          if isinstance(callback, ModelCheckpoint)))
+    if not any(Path(path).is_file() for path in found):
+        folder = run_folder(trainer) or Path(trainer.default_root_dir)
+        raise ValueError(
+            f"--ckpt_path last finds no last checkpoint: it looks in this run's own folder "
+            f"({folder}), a new run's, so Lightning would go on from untrained weights. Give the "
+            "checkpoint file of the run, --ckpt_path RUN/checkpoints/last.ckpt (its folder is "
+            "then reused)")
 
 
 def warn_without_checkpoint(ckpt_path: str | None, subcommand: str) -> None:

@@ -5,7 +5,8 @@
     status      ``ok``, or ``nonfinite`` when a score (val_mse, test_mse, test_mae) is NaN or
                 infinite; such a score is written as null
     config      the full parsed configuration (dict)
-    commit      ``git rev-parse HEAD`` of the package's checkout, or null
+    commit      ``git rev-parse HEAD`` of the package's checkout when the run started, with
+                ``-dirty`` when its code differed from that commit (see ``git_commit``), or null
     seed        the seed the run was started with
     wall_s      seconds from the start of fit to the end of the test; for a resumed fit, with the
                 earlier attempts' time up to the checkpoint it resumed from
@@ -55,10 +56,18 @@ PREDICTION_COLUMNS = ("sequence", "position", "prediction", "target", "valid")
 PREDICT_SPLIT = "test"  # the split the shipped datamodules' predict_dataloader serves
 
 
-def git_commit(folder: Path | None = None) -> str | None:
+# What a record's commit vouches for: the code a run imports and the configs it reads. Notes
+# and tables (README, benchmarks/*.md, result files) may differ without making a run's code
+# differ; a new file here (a strategy not yet added to git) does.
+CODE_PATHS = ("titans_lightning", "datamodules", "callbacks", "configs", "benchmarks/*.py",
+              "pyproject.toml")
+
+
+def git_commit(folder: Path | None = None, code: tuple[str, ...] = CODE_PATHS) -> str | None:
     """The commit of the checkout this package (or ``folder``) is in, with ``-dirty`` appended
-    when tracked files differ from it, so that a record never names a commit whose code it
-    did not run; None outside a git checkout."""
+    when the ``code`` paths (relative to the checkout's top) differ from it, tracked or not, so
+    that a record never names a commit whose code it did not run; None outside a git checkout.
+    Take it when a run starts: a checkout may move on while a long run is under way."""
     folder = folder or Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
@@ -67,11 +76,15 @@ def git_commit(folder: Path | None = None) -> str | None:
 
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     if not commit:
         return None
+    try:
+        changed = git("status", "--porcelain", "--", *(f":(top,glob){p}" if "*" in p
+                                                      else f":(top){p}" for p in code))
+    except (OSError, subprocess.SubprocessError):
+        return f"{commit}-unknown"  # the commit is known, whether its code ran is not
     return f"{commit}-dirty" if changed else commit
 
 
