@@ -32,5 +32,5 @@ DEFAULTS = {**titans_gated.DEFAULTS, "window": 2, "max_rows": 1024}
 
 
 def init_memory_state(memory, emb_dim):
-    titans_gated.init_memory_state(memory, emb_dim)  # K, V, gates, chunk mean, momentum, w0
-    omega_window.register_window(memory, emb_dim, rule="omega_gated")
+    titans_gated.register_gates(memory, emb_dim, rule="omega_gated")  # K, V, gates, mean, S, w0
+    omega_window.register_window(memory, emb_dim, rule="omega_gated", defaults=DEFAULTS)

@@ -64,10 +64,10 @@ def init_memory_state(memory, emb_dim):
     register_window(memory, emb_dim)
 
 
-def register_window(memory, emb_dim, rule="omega_window"):
+def register_window(memory, emb_dim, rule="omega_window", defaults=DEFAULTS):
     """The past chunks' state (``PAST``), of the shape the options ``window`` and ``max_rows``
-    give (refused unless whole numbers >= 1)."""
-    window, max_rows = (memory.options.get(k, DEFAULTS[k]) for k in ("window", "max_rows"))
+    give, or the ``defaults`` of the ``rule`` (refused unless whole numbers >= 1)."""
+    window, max_rows = (memory.options.get(k, defaults[k]) for k in ("window", "max_rows"))
     for name, value in (("window", window), ("max_rows", max_rows)):
         if value < 1 or value != int(value):
             raise ValueError(f"{rule} needs a whole number {name} >= 1, got {value!r}")

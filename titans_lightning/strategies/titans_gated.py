@@ -44,9 +44,15 @@ DEFAULTS = {"theta": 0.1, "eta": 0.5, "alpha": 0.999, "theta_max": 1.0, "clip": 
 
 
 def init_memory_state(memory, emb_dim):
+    register_gates(memory, emb_dim)
+
+
+def register_gates(memory, emb_dim, rule="titans_gated"):
+    """K, V, the gates' projections and biases (from the options' initial values), the chunk
+    mean, momentum and the learned start; ``rule`` names the strategy in a refusal."""
     opt = {k: memory.options.get(k, v) for k, v in DEFAULTS.items()}
     if not 0 < opt["theta"] < opt["theta_max"]:
-        raise ValueError(f"titans_gated needs 0 < theta < theta_max, got theta={opt['theta']}, "
+        raise ValueError(f"{rule} needs 0 < theta < theta_max, got theta={opt['theta']}, "
                          f"theta_max={opt['theta_max']}")
     register_projections(memory, emb_dim, learnable=True)
     memory.register_state("gate_proj", torch.zeros(3, emb_dim), learnable=True)  # a_*
