@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from titans_lightning import NeuralMemory, StrategyError
+from titans_lightning.memory import MemoryAt
 from titans_lightning.strategies import titans_default
 
 FUNCTIONS = ("init_memory_state", "compute_keys_values", "compute_surprise", "apply_update")
@@ -163,26 +164,126 @@ def test_setting_the_viewed_weights_is_refused_and_the_memorys_own_are_kept():
         memory.update(torch.randn(1, 8, 16))
     assert "cannot be set" in str(info.value.__cause__ or info.value)
     assert torch.equal(memory.fast_weights, before)
-    with pytest.raises(AttributeError, match="cannot set weights"):
+    with pytest.raises(AttributeError, match="set_weights is not available on a view"):
         memory.at(before).set_weights(memory.weights)
 
 
-@pytest.mark.parametrize("call", ["start_sequences(3)", "reset()", "detach_()", "pop_history()",
-                                  "update(torch.randn(1, 8, 16))", "learn_initial_weights()"])
-def test_a_view_refuses_what_acts_on_the_memory_itself(call):
+# What a compute_surprise might try through its view; each would persist on the memory itself.
+MEDDLING = {
+    "not available on a view": [
+        "memory.start_sequences(3)", "memory.reset()", "memory.detach_()", "memory.pop_history()",
+        "memory.update(torch.randn(1, 8, 16))", "memory.learn_initial_weights()",
+        "memory.register_state('late', torch.zeros(1))", "memory.warn_if_skipped()",
+        "memory.memory.reset()", "memory.memory.start_sequences(3)", "memory.history.clear()",
+        "memory.update_log.pop()", "memory.initial_state.momentum.fill_(5)",
+        "memory.strategy_state.momentum.fill_(5)", "memory.initial_weights.fill_(5)",
+        "memory.to(torch.float64)", "memory.double()", "memory.train(False)",
+        "memory.load_state_dict({})", "memory.set_weights(memory.weights)",
+        "memory.layout.sizes.reverse()", "memory._gate"],
+    "cannot be set": [
+        "memory.num_updates = torch.tensor(99)", "memory.skipped_updates = torch.tensor(9)",
+        "memory.fast_weights = torch.zeros_like(memory.fast_weights)", "memory.options = {}",
+        "memory.reduce = print", "memory._gate = torch.zeros(1)", "memory._building = True",
+        "memory._memory = None", "memory.__class__ = object"],
+    "cannot be deleted": ["del memory._warned_skips", "del memory.fast_weights"],
+}
+
+
+def everything(memory: NeuralMemory) -> dict[str, object]:
+    """All a refused meddling could have changed: the saved tensors with their dtypes, the
+    update records, the slot count, the training flag."""
+    dtypes = {k: v.dtype for k, v in memory.state_dict().items()}
+    return {"state": snapshot(memory), "dtypes": dtypes, "history": list(memory.history),
+            "slots": memory.n_slots, "training": memory.training}
+
+
+def assert_unchanged(before: dict[str, object], after: dict[str, object]) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    assert before["dtypes"] == after["dtypes"]
+    assert len(before["history"]) == len(after["history"])
+    assert all(a is b for a, b in zip(before["history"], after["history"]))
+    assert (before["slots"], before["training"]) == (after["slots"], after["training"])
+
+
+@pytest.mark.parametrize("refused, code", [(refused, code) for refused, codes in MEDDLING.items()
+                                           for code in codes])
+def test_a_view_refuses_what_acts_on_the_memory_itself(refused, code):
     def meddles(memory, keys, values, fine):
-        eval(f"memory.{call}", {"memory": memory, "torch": torch})  # memory is memory.at(leaf)
+        exec(code, {"memory": memory, "torch": torch})  # memory is memory.at(leaf)
         return fine(memory, keys, values)
 
     memory = broken_memory(compute_surprise=meddles)  # after one clean update
-    before, history = snapshot(memory), len(memory.history)
+    before = everything(memory)
     with pytest.raises(StrategyError, match="compute_surprise") as info:
         memory.update(torch.randn(1, 8, 16))
-    assert "not available on a view" in str(info.value.__cause__ or info.value)
-    after = snapshot(memory)
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert len(memory.history) == history
+    cause = info.value.__cause__
+    assert isinstance(cause, AttributeError)
+    assert refused in str(cause) and "a view only computes a surprise" in str(cause)
+    assert_unchanged(before, everything(memory))
+    memory.strategy.broken = False
+    memory.update(torch.randn(1, 8, 16))  # the memory still learns
+    assert len(memory.history) == len(before["history"]) + 1
+
+
+def test_a_view_offers_only_what_a_surprise_reads():
+    offered = {name for name in dir(MemoryAt) if not name.startswith("_")}
+    assert offered == {"fast_weights", "weights", "n_slots", "retrieve", "recall_error", "at",
+                       "state", "options", "dim", "hidden", "num_layers", "weight_names",
+                       "flatten", "unflatten", "differentiable", "reduce"}
+    torch.manual_seed(0)
+    memory = NeuralMemory(strategy="titans_default")
+    flat = torch.randn(3, memory.fast_weights.shape[1])  # (3, n): other weights, three slots
+    view = memory.at(flat)
+    q = torch.randn(3, 5, 16)
+    assert view.fast_weights is flat and view.n_slots == 3 and memory.n_slots == 1
+    assert torch.equal(view.retrieve(q), memory.at(flat).at(flat).retrieve(q))
+    assert not torch.equal(view.retrieve(q)[:1], memory.retrieve(q[:1]))  # not its own weights
+    assert torch.equal(view.flatten(view.weights), flat)
+    assert (view.dim, view.hidden, view.num_layers, view.weight_names) == (
+        memory.dim, memory.hidden, memory.num_layers, memory.weight_names)
+    assert view.state["momentum"] is memory.state["momentum"]
+    with pytest.raises(TypeError):
+        view.options["theta"] = 5.0  # read-only
+    assert "theta" not in memory.options
+
+
+def test_a_refusal_says_what_why_and_what_instead():
+    memory = NeuralMemory()
+    with pytest.raises(AttributeError) as info:
+        memory.at(memory.fast_weights).history
+    message = str(info.value)
+    assert message.startswith("memory.at(...).history is not available on a view of the memory")
+    assert "a view only computes a surprise, and the harness owns the memory itself" in message
+    assert "A view offers fast_weights, weights, n_slots, retrieve, recall_error, at" in message
+    assert "returning them from apply_update" in message
+    assert "assigning memory.state[name] = tensor" in message
+
+
+def test_a_rules_own_private_attribute_is_set_on_the_memory_for_apply_update():
+    """As multi_step's keys and values: set on the view in compute_surprise, read (and popped)
+    from the memory in apply_update; a plain attribute, never a parameter."""
+    memory = NeuralMemory()
+    view = memory.at(memory.fast_weights)
+    view._my_rule_value = torch.nn.Parameter(torch.ones(2))
+    assert vars(memory)["_my_rule_value"] is view._my_rule_value
+    assert "_my_rule_value" not in dict(memory.named_parameters())
+    view._my_rule_value = (1, 2)  # the rule's own: it may replace it
+    del view._my_rule_value
+    assert "_my_rule_value" not in vars(memory)
+    with pytest.raises(AttributeError, match="_my_rule_value is not available on a view"):
+        view._my_rule_value
+
+
+def test_editing_the_state_in_place_through_a_view_is_caught_by_the_harness():
+    """What the view hands out is the memory's own tensor; the harness catches the edit."""
+    def edits(memory, keys, values, fine):
+        memory.state["momentum"].add_(1.0)
+        return fine(memory, keys, values)
+
+    expect_broken(broken_memory(compute_surprise=edits), "the update",
+                  "changed the fast weights or the strategy state in place")
 
 
 def test_a_surprise_of_the_wrong_shape_is_refused():

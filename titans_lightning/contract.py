@@ -23,8 +23,11 @@ Shapes: ``S`` memory slots (1 for the shared memory, one per sequence for per-se
   ``memory.retrieve(keys)``; it returns one value per slot. The harness takes its gradient with
   respect to every fast weight. ``memory.recall_error(keys, values)`` is the reference's MSE
   surprise in one autograd node. Its ``memory`` is the memory seen at the weights being
-  differentiated (``memory.at(leaf)``, a :class:`~titans_lightning.memory.MemoryAt`): it reads
-  and sets what the memory has, but it is not the ``nn.Module`` itself.
+  differentiated (``memory.at(leaf)``, a :class:`~titans_lightning.memory.MemoryAt`): not the
+  ``nn.Module`` itself, but a view that offers what a surprise reads (the weights, ``state``,
+  read-only ``options``, sizes, ``retrieve``, ``recall_error``, ``at``) and the rule's own
+  private attributes (``memory._mine = ...``, read back in ``apply_update``), and refuses the
+  rest (the memory's methods, history and counters) with an AttributeError.
 * ``apply_update`` receives ``grads`` (same names and shapes as ``memory.weights``; read them,
   never change them in place: the harness checks and records them after the rule) and returns
   the new fast weights. It reads state with ``memory.state[name]`` and writes new state by

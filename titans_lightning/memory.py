@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any, Iterator
 
 import torch
@@ -143,6 +143,9 @@ class NeuralMemory(nn.Module):
         self._gate: Tensor | None = None  # what apply_update reported for the update in progress
         self.update_log = UpdateLog()
         self._building = True  # state and learnable weights may be created only now
+        # the harness's own names, which a view never writes (the rule's own are made after)
+        self._harness_names = frozenset(vars(self)) | frozenset(dir(type(self))) | {
+            "_harness_names"}
         self.strategy.init_memory_state(self, dim)
         self._building = False
         self.initial_state = nn.Module()  # what reset() restores; saved, so it survives loading
@@ -352,61 +355,139 @@ class NeuralMemory(nn.Module):
 
 
 class MemoryAt:
-    """A memory seen with other fast weights ``flat`` (S, n_weights): ``retrieve``,
-    ``recall_error``, ``weights``, ``fast_weights`` and ``n_slots`` read ``flat``; everything
-    else (state, options, sizes, ...) is the memory's own, and attributes set on it are set on
-    the memory. The weights are passed explicitly, so the memory's own are never swapped."""
+    """The memory seen with other fast weights ``flat`` (S, n_weights): what ``compute_surprise``
+    receives (see :meth:`NeuralMemory.at`). A view only computes a surprise, and offers only
+    what one reads, this class's public names (an allow-list):
 
-    __slots__ = ("memory", "fast_weights")
+    * at the view's weights: ``fast_weights`` (``flat`` itself), ``weights``, ``n_slots``,
+      ``retrieve``, ``recall_error``, and ``at`` (the memory at yet other weights);
+    * the memory's own: ``state`` (read ``state[name]``, learned projections included; assign
+      ``state[name] = tensor``, as ``delta_energy`` and ``omega_window`` do, which the harness
+      checks and rolls back as any new state), ``options`` (read-only), the sizes ``dim``,
+      ``hidden``, ``num_layers`` and ``weight_names``, ``flatten`` and ``unflatten``, whether
+      the rule keeps its graph (``differentiable``), and the hook combining a surprise and its
+      gradient across processes (``reduce``);
+    * private attributes of the rule's own (``_name``), such as multi_step's
+      ``_multi_step_chunk``: set on a view, they are set on the memory, as plain attributes,
+      for the update's ``apply_update``.
+
+    Everything else raises AttributeError: the memory itself, its history, counters, initial
+    state and scope, its methods (``reset``, ``start_sequences``, ``to``, ``train``,
+    ``load_state_dict``, ...), and every other write, the harness's private attributes too.
+
+    What the guard does not cover: the tensors it hands out are the memory's own, so an in-place
+    edit reaches the memory. The harness detects those of the fast weights and of the state's
+    buffers after every update and stops the run with a StrategyError (the edit itself stays);
+    autograd refuses them on a learnable tensor while grad is on (as in ``compute_surprise``),
+    though not through ``.data``. ``compute_keys_values`` and ``apply_update`` receive the
+    memory itself, unguarded. And Python hides nothing: ``_memory`` is the memory. The guard
+    stops a rule's mistakes, not a rule set on getting around it.
+    """
+
+    __slots__ = ("_memory", "_flat")
 
     def __init__(self, memory: NeuralMemory, flat: Tensor):
-        object.__setattr__(self, "memory", memory)
-        object.__setattr__(self, "fast_weights", flat)
+        object.__setattr__(self, "_memory", memory)
+        object.__setattr__(self, "_flat", flat)
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _NOT_ON_A_VIEW:
-            raise AttributeError(
-                f"memory.at(...).{name}() is not available on a view of the memory: it would "
-                "act on the memory itself (its own weights, state or history), which the "
-                "harness owns; a rule changes the weights by returning them from apply_update")
-        return getattr(object.__getattribute__(self, "memory"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in MemoryAt.__slots__:  # set on the memory, it would replace its own
-            _refuse_writing(f"memory.at(...).{name} cannot be set")
-        setattr(self.memory, name, value)
+    # -- at the view's weights ---------------------------------------------------------------
+    @property
+    def fast_weights(self) -> Tensor:
+        return self._flat
 
     @property
     def weights(self) -> dict[str, Tensor]:
-        return self.memory.unflatten(self.fast_weights)
-
-    def set_weights(self, *args: Any, **kwargs: Any) -> None:
-        _refuse_writing("memory.at(...) cannot set weights")
+        return self._memory.unflatten(self._flat)
 
     @property
     def n_slots(self) -> int:
-        return self.fast_weights.shape[0]
+        return self._flat.shape[0]
 
     def retrieve(self, q: Tensor) -> Tensor:
-        return self.memory._retrieve(q, self.fast_weights)
+        return self._memory._retrieve(q, self._flat)
 
     def recall_error(self, keys: Tensor, values: Tensor) -> Tensor:
-        memory = self.memory
-        return recall_error(keys, values, self.fast_weights, memory.layout, memory.differentiable)
+        memory = self._memory
+        return recall_error(keys, values, self._flat, memory.layout, memory.differentiable)
 
     def at(self, flat: Tensor) -> MemoryAt:
-        return MemoryAt(self.memory, flat)
+        return MemoryAt(self._memory, flat)
+
+    # -- the memory's own, to read -------------------------------------------------------------
+    @property
+    def state(self) -> StrategyState:
+        return self._memory.state
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return MappingProxyType(self._memory.options)
+
+    @property
+    def dim(self) -> int:
+        return self._memory.dim
+
+    @property
+    def hidden(self) -> int:
+        return self._memory.hidden
+
+    @property
+    def num_layers(self) -> int:
+        return self._memory.num_layers
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return self._memory.weight_names
+
+    def flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
+        return self._memory.flatten(weights)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return self._memory.unflatten(flat)
+
+    @property
+    def differentiable(self) -> bool:
+        return self._memory.differentiable
+
+    @property
+    def reduce(self) -> Any:
+        return self._memory.reduce
+
+    # -- everything else: the rule's own private attributes, or refused ---------------------------
+    def __getattr__(self, name: str) -> Any:
+        memory = object.__getattribute__(self, "_memory")
+        if _is_the_rules(memory, name) and name in vars(memory):
+            return vars(memory)[name]
+        raise AttributeError(_refusal(name, "is not available on a view of the memory"))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not _is_the_rules(self._memory, name):
+            raise AttributeError(_refusal(name, "cannot be set"))
+        object.__setattr__(self._memory, name, value)  # plain: never a parameter or buffer
+
+    def __delattr__(self, name: str) -> None:
+        if not (_is_the_rules(self._memory, name) and name in vars(self._memory)):
+            raise AttributeError(_refusal(name, "cannot be deleted"))
+        object.__delattr__(self._memory, name)
 
 
-# What the harness (or init_memory_state) calls on the memory itself, never on a view of it.
-_NOT_ON_A_VIEW = frozenset({"start_sequences", "detach_", "update", "reset", "pop_history",
-                            "learn_initial_weights", "register_state", "warn_if_skipped"})
+_OFFERED = tuple(name for name in vars(MemoryAt) if not name.startswith("_"))
 
 
-def _refuse_writing(what: str) -> None:
-    raise AttributeError(f"{what}: it would write the memory's own weights, not the view's. A "
-                         "rule changes the weights by returning them from apply_update")
+def _is_the_rules(memory: NeuralMemory, name: str) -> bool:
+    """Whether ``name`` is a private attribute of the rule's own: not the harness's, nor the
+    view's own (set on the memory, it would not change the view)."""
+    harness = vars(memory).get("_harness_names") or set(vars(memory)) | set(dir(type(memory)))
+    return (name.startswith("_") and not name.startswith("__") and name not in harness
+            and name not in MemoryAt.__slots__)
 
+
+def _refusal(name: str, what: str) -> str:
+    return (f"memory.at(...).{name} {what}: a view only computes a surprise, and the harness "
+            "owns the memory itself (its weights, state, history and scope). A view offers "
+            f"{', '.join(_OFFERED)}, and private attributes of the rule's own "
+            "(memory._my_value = ..., read back in apply_update). A rule changes the weights by "
+            "returning them from apply_update and its state by assigning memory.state[name] = "
+            "tensor")
 
 def _portable_spec(spec: Any, strategy: Any) -> Any:
     """What to reload the strategy from in another process: its string, its file, its short
