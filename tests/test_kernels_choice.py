@@ -88,7 +88,8 @@ def test_the_library_is_built_only_when_a_call_would_run_on_it(monkeypatch, tmp_
     monkeypatch.setenv("TITANS_LIGHTNING_CACHE", str(tmp_path))
     layer = EncoderLayer(16, 2, 32, 0.1).double()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # no build, so no build failure to warn about
+        warnings.simplefilter("ignore", kernels.KernelSizeWarning)  # h = 48 below says so
         layer(torch.randn(2, 6, 16, dtype=torch.double))
         kernels.memory_mlp(torch.randn(1, 5, 16), flat_weights(16, 48))  # h = 48: no kernel
         kernels.why_not("attention", torch.randn(2, 6, 48, device="meta"), 2, 0.0)
@@ -187,3 +188,32 @@ def test_every_c_function_returns_a_status_that_python_declares():
         returning_int |= set(re.findall(r"^int (titans_\w+)\(", body, flags=re.M))
         defined |= set(re.findall(r"^\w+[\w\s*]* (titans_\w+)\(", body, flags=re.M))
     assert defined == returning_int == set(build.SIGNATURES)
+
+
+def kernel_size_warnings(model, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", kernels.KernelSizeWarning)
+        model(x)
+    return sorted({str(w.message).split(" ")[0] for w in caught
+                   if issubclass(w.category, kernels.KernelSizeWarning)})
+
+
+@needs_kernels
+def test_a_model_of_sizes_the_kernels_do_not_take_says_which_operations_lose_them():
+    """``--model.hidden_dim 32`` used to lose the encoder's and the keys' kernels silently."""
+    from titans_lightning import MACTitan
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 1)
+    wide = MACTitan(hidden_dim=32, dim_feedforward=64, context_window=16)
+    assert kernel_size_warnings(wide, x) == ["add_norm", "feed_forward_add_norm", "keys_values",
+                                             "mac_query"]
+    assert kernel_size_warnings(wide.double(), x.double()) == []  # float64: the user's choice
+    assert kernel_size_warnings(MACTitan(dim_feedforward=64, context_window=16), x) == []
+
+
+def test_the_probe_of_a_strategy_does_not_warn_about_its_own_small_sizes():
+    from titans_lightning.strategy import probe_strategy
+    from titans_lightning.strategies import titans_default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.KernelSizeWarning)
+        probe_strategy(titans_default, "titans_default", {"theta": 0.02})

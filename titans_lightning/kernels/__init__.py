@@ -17,6 +17,7 @@ it takes first reaches an operation.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -33,7 +34,8 @@ MEMORY_HIDDEN = (16, 32, 64)  # and h
 
 __all__ = ["attention", "add_norm", "feed_forward_add_norm", "mac_query", "keys_values",
            "memory_mlp", "recall_error", "recall_error_and_gradient", "commit_update",
-           "momentum_step", "all_finite", "dropout_draws", "why_not", "available"]
+           "momentum_step", "all_finite", "dropout_draws", "why_not", "available",
+           "KernelSizeWarning"]
 
 
 # -- the encoder layer -------------------------------------------------------------------------
@@ -200,24 +202,54 @@ def available() -> bool:
 def _runs_on_kernel(op: str, *args) -> bool:
     # Asked about 600 times per batch, so the refusals are plain functions returning lists
     # (a chain of generators cost several times more) and the build is asked last.
-    return not _REFUSALS[op](*args) and build.failure() is None
+    reasons = _REFUSALS[op](*args)
+    if reasons:
+        _warn_about_sizes(op, reasons)
+        return False
+    return build.failure() is None
+
+
+class KernelSizeWarning(RuntimeWarning):
+    """Float32 CPU tensors, the kernels switched on, and an operation runs on PyTorch's
+    operators only because of its sizes (``--model.hidden_dim 32``, say): the same results,
+    slower. Shown once per operation, sizes and place that calls it."""
+
+
+class _Size(str):
+    """A refusal for a size the kernel does not take: it holds for every call of the model."""
+
+
+class _Setting(str):
+    """A refusal for where the tensors are or what they hold (the switch, device, dtype,
+    autocast): the user chose the PyTorch path."""
+
+
+def _warn_about_sizes(op: str, reasons: list[str]) -> None:
+    if any(isinstance(r, _Setting) for r in reasons) or not any(isinstance(r, _Size)
+                                                                for r in reasons):
+        return
+    warnings.warn(  # Python's warning registry shows each message once per calling line
+        f"{op} runs on PyTorch's operators, not its CPU kernel, for sizes the kernel does not "
+        f"take: {'; '.join(reasons)}. The results are the same, only slower; "
+        "titans_lightning.kernels.why_not says why for any call, and the README's kernel "
+        "section lists the sizes each kernel takes", KernelSizeWarning, stacklevel=3)
 
 
 def _cpu_float32(*tensors: Tensor, autocast: bool = True) -> list[str]:
     """The switch, devices and dtypes (and CPU autocast, whose operators would hand the kernels
     other dtypes), each reason once. The usual case, all float32 on the CPU, takes one
     attribute test per tensor."""
-    reasons = [f"disabled by {build.SWITCH}=0"] if build.switched_off() else []
+    reasons = [_Setting(f"disabled by {build.SWITCH}=0")] if build.switched_off() else []
     for t in tensors:
         if not t.is_cpu or t.dtype is not torch.float32:
             devices = {t.device.type for t in tensors if not t.is_cpu}
-            reasons += [f"tensor on {device}" for device in sorted(devices)]
+            reasons += [_Setting(f"tensor on {device}") for device in sorted(devices)]
             dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors
                       if t.dtype is not torch.float32}
-            reasons += [f"{dtype} tensor" for dtype in sorted(dtypes)]
+            reasons += [_Setting(f"{dtype} tensor") for dtype in sorted(dtypes)]
             break
     if autocast and torch.is_autocast_enabled("cpu"):
-        reasons.append("CPU autocast is on")
+        reasons.append(_Setting("CPU autocast is on"))
     return reasons
 
 
@@ -229,7 +261,7 @@ def _no_grad_needed(*tensors: Tensor) -> list[str]:
 
 def _rows(x: Tensor, what: str = "rows") -> list[str]:
     if x.shape[-1] != ROW_WIDTH:
-        return [f"{what} of width {x.shape[-1]}, the kernel takes {ROW_WIDTH}"]
+        return [_Size(f"{what} of width {x.shape[-1]}, the kernel takes {ROW_WIDTH}")]
     return []
 
 
@@ -241,14 +273,14 @@ def _dropout_probability(p: float) -> list[str]:
 
 def _norm(norm: nn.LayerNorm) -> list[str]:
     if tuple(norm.normalized_shape) != (ROW_WIDTH,) or norm.weight is None or norm.bias is None:
-        return [f"a layer norm other than an affine one over {ROW_WIDTH} features"]
+        return [_Size(f"a layer norm other than an affine one over {ROW_WIDTH} features")]
     return []
 
 
 def _linear(linear: nn.Linear, name: str, outputs: int | None = ROW_WIDTH) -> list[str]:
     reasons = []
     if linear.in_features != ROW_WIDTH or (outputs is not None and linear.out_features != outputs):
-        reasons.append(f"{name} of {linear.in_features} -> {linear.out_features} features")
+        reasons.append(_Size(f"{name} of {linear.in_features} -> {linear.out_features} features"))
     if linear.bias is None:
         reasons.append(f"{name} without a bias")
     return reasons
@@ -258,9 +290,9 @@ def _attention_refusals(qkv: Tensor, heads: int, p: float) -> list[str]:
     reasons = _cpu_float32(qkv)
     e, L = qkv.shape[-1] // 3 // heads, qkv.shape[-2]
     if e not in HEAD_WIDTHS:
-        reasons.append(f"head width {e} not among the kernel's {HEAD_WIDTHS}")
+        reasons.append(_Size(f"head width {e} not among the kernel's {HEAD_WIDTHS}"))
     if not 1 <= L <= MAX_TOKENS:
-        reasons.append(f"windows of {L} tokens, the kernel takes 1 to {MAX_TOKENS}")
+        reasons.append(_Size(f"windows of {L} tokens, the kernel takes 1 to {MAX_TOKENS}"))
     return reasons + _dropout_probability(p)
 
 
@@ -284,7 +316,7 @@ def _feed_forward_refusals(x: Tensor, linear1: nn.Linear, linear2: nn.Linear,
     reasons = _cpu_float32(x, *params) + _rows(x)
     f = linear1.out_features
     if f % 16:
-        reasons.append(f"feed-forward width {f}, not a multiple of 16")
+        reasons.append(_Size(f"feed-forward width {f}, not a multiple of 16"))
     reasons += _linear(linear1, "linear1", outputs=None)
     if linear2.bias is None:
         reasons.append("linear2 without a bias")
@@ -301,7 +333,8 @@ def _keys_values_refusals(x: Tensor, key_proj: Tensor, value_proj: Tensor) -> li
     reasons = _cpu_float32(x, key_proj, value_proj) + _rows(x)
     for name, proj in (("key", key_proj), ("value", value_proj)):
         if tuple(proj.shape) != (ROW_WIDTH, ROW_WIDTH):
-            reasons.append(f"a {name} projection {tuple(proj.shape)}, the kernel takes (16, 16)")
+            reasons.append(_Size(f"a {name} projection {tuple(proj.shape)}, the kernel takes "
+                                 f"({ROW_WIDTH}, {ROW_WIDTH})"))
     return reasons + _no_grad_needed(x, key_proj, value_proj)
 
 
@@ -315,9 +348,9 @@ def _memory_refusals(q: Tensor, flat: Tensor, *others: Tensor) -> list[str]:
     if flat.shape[1] != 2 * h * d + h + d:
         reasons.append(f"{flat.shape[1]} weights per slot are no two-layer memory of width {d}")
     if d not in MEMORY_WIDTHS:
-        reasons.append(f"width {d} not among the kernel's {MEMORY_WIDTHS}")
+        reasons.append(_Size(f"width {d} not among the kernel's {MEMORY_WIDTHS}"))
     if h not in MEMORY_HIDDEN:
-        reasons.append(f"hidden width {h} not among the kernel's {MEMORY_HIDDEN}")
+        reasons.append(_Size(f"hidden width {h} not among the kernel's {MEMORY_HIDDEN}"))
     return reasons
 
 
