@@ -9,7 +9,9 @@
 # --shrink runs the same steps on the CPU in a minute or two (1 timed batch, a tiny fit, and
 # torch.compile switched off by TORCH_COMPILE_DISABLE=1: tests/test_compile.py checks inductor
 # on the CPU), to check the script itself where there is no GPU. Every step runs even if an
-# earlier one fails; the exit status is 1 if any failed, and summary.txt says which.
+# earlier one fails; the exit status is 1 if any failed, and summary.txt says which. Each step
+# has its share of an 8-minute budget (timeout; a step over it fails as timed out), so the whole
+# check ends within 8 minutes whatever hangs.
 set -u
 cd "$(dirname "$0")/.."
 out="device_check/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -26,14 +28,18 @@ out=$(cd "$out" && pwd)
 python=${PYTHON:-python}
 failed=()
 
-step() {  # step NAME COMMAND...: run it, log to $out/NAME.log, remember a failure
-  local name=$1; shift
-  local start=$SECONDS
-  echo "== $name: $*" | tee -a "$out/summary.txt"
-  if "$@" > "$out/$name.log" 2>&1; then
+step() {  # step NAME SECONDS COMMAND...: run it, log to $out/NAME.log, remember a failure
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS status=0
+  echo "== $name (at most $limit s): $*" | tee -a "$out/summary.txt"
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1 || status=$?
+  if [ "$status" = 0 ]; then
     echo "   ok in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+  elif [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    echo "   FAILED: timed out after $limit s, see $name.log" | tee -a "$out/summary.txt"
+    failed+=("$name")
   else
-    echo "   FAILED (exit $?) in $((SECONDS - start)) s, see $name.log" | tee -a "$out/summary.txt"
+    echo "   FAILED (exit $status) in $((SECONDS - start)) s, see $name.log" | tee -a "$out/summary.txt"
     failed+=("$name")
   fi
 }
@@ -51,16 +57,16 @@ else
   compile_env=(env)
 fi
 
-step cuda_tests "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py \
+# the budget: 150 + 90 + 150 + 90 s = 8 minutes
+step cuda_tests 150 "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py \
   "tests/test_compile.py::test_the_compiled_encoder_trains_and_evaluates_as_the_eager_one[cuda]"
-step throughput "$python" benchmarks/throughput.py --device "$device" "${batches[@]}" \
+step throughput 90 "$python" benchmarks/throughput.py --device "$device" "${batches[@]}" \
   --out "$out/throughput.jsonl"
-step throughput_compiled "${compile_env[@]}" "$python" benchmarks/throughput.py --device "$device" \
-  "${batches[@]}" --compile encoder --out "$out/throughput.jsonl"
-config="$PWD/configs/sinwave.yaml"
-fit_in_out() { (cd "$out" && "$python" -m titans_lightning.cli fit --config "$config" \
-  --trainer.max_epochs 1 --trainer.enable_progress_bar false "${fit[@]}"); }  # logs/ in $out
-step fit fit_in_out
+step throughput_compiled 150 "${compile_env[@]}" "$python" benchmarks/throughput.py \
+  --device "$device" "${batches[@]}" --compile encoder --out "$out/throughput.jsonl"
+step fit 90 env -C "$out" "$python" -m titans_lightning.cli fit \
+  --config "$PWD/configs/sinwave.yaml" --trainer.max_epochs 1 \
+  --trainer.enable_progress_bar false "${fit[@]}"  # its logs/ in $out
 find "$out/logs" -name result.json -exec cp {} "$out/fit_result.json" \; 2>/dev/null
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -382,5 +382,5 @@ def test_float32_with_dropout_and_the_kernels_keeps_one_memory_on_two_ranks(tmp_
     assert_same(ranks[0]["train_end"], ranks[1]["train_end"])
     weights = ranks[0]["train_end"]["model.layers.0.memory.fast_weights"]
     assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
-    assert kernels.available() or os.environ.get("TITANS_LIGHTNING_FUSED") == "0" \
+    assert kernels.available() or os.environ.get("TITANS_LIGHTNING_KERNELS") == "0" \
         or not os.environ.get("CI"), "the kernels are part of this check in CI"

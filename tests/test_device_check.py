@@ -19,7 +19,7 @@ def test_the_device_check_runs_every_step_and_writes_one_folder(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert done.returncode == 0, summary + done.stdout + done.stderr
     for step in ("cuda_tests", "throughput", "throughput_compiled", "fit"):
-        assert f"== {step}:" in summary and (out / f"{step}.log").is_file()
+        assert f"== {step} (at most " in summary and (out / f"{step}.log").is_file()
     assert "all steps passed" in summary
     runs = [json.loads(line) for line in (out / "throughput.jsonl").read_text().splitlines()]
     assert [run["compile"] for run in runs] == ["none", "encoder"]  # eager, then compiled

@@ -69,9 +69,9 @@ def test_the_switch_turns_every_kernel_off_and_says_so(monkeypatch, fresh_librar
     monkeypatch.setenv(build.SWITCH, "0")
     q = torch.randn(1, 5, 16)
     assert kernels.why_not("memory_mlp", q, flat_weights(16, 32)) == [
-        "disabled by TITANS_LIGHTNING_FUSED=0"]
+        "disabled by TITANS_LIGHTNING_KERNELS=0"]
     assert kernels.why_not("memory_mlp", q.double(), flat_weights(16, 32).double()) == [
-        "disabled by TITANS_LIGHTNING_FUSED=0", "float64 tensor"]
+        "disabled by TITANS_LIGHTNING_KERNELS=0", "float64 tensor"]
     assert not kernels.available()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # switched off on purpose: nothing to warn about

@@ -256,7 +256,7 @@ def test_the_default_rules_own_path_is_its_four_functions_to_the_bit(monkeypatch
                                                                       slots, options):
     """The harness runs the built-in titans_default without the contract's round trips; a copy
     of its functions (another object) takes the general path, and every number agrees."""
-    monkeypatch.setenv("TITANS_LIGHTNING_FUSED", kernels_on)
+    monkeypatch.setenv("TITANS_LIGHTNING_KERNELS", kernels_on)
     if kernels_on == "1" and not kernels.available():
         pytest.skip("no C++ compiler for the kernels")
     steps = []

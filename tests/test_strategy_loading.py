@@ -44,7 +44,7 @@ def test_template_from_a_temp_file_runs_end_to_end(tmp_path):
 def test_template_matches_the_builtin_default_rule(tmp_path, monkeypatch):
     # the built-in rule's keys and values, on their kernel, agree with the template's operators
     # to rounding (tests/test_kernels.py); here both take the operators, so they agree exactly
-    monkeypatch.setenv("TITANS_LIGHTNING_FUSED", "0")
+    monkeypatch.setenv("TITANS_LIGHTNING_KERNELS", "0")
     x = torch.randn(1, 6, 16)
     memories = []
     for spec in ("titans_default", str(write_rule(tmp_path))):

@@ -8,7 +8,7 @@ Shape legend
     N  windows    L  tokens per window    d  row width    f  feed-forward width
     S  memory slots    R  rows per slot    n  flat weights of a slot    h  hidden width
 
-``TITANS_LIGHTNING_FUSED=0`` switches the kernels off. :func:`why_not` says why an operation
+``TITANS_LIGHTNING_KERNELS=0`` switches the kernels off. :func:`why_not` says why an operation
 would not run on its kernel for given arguments, for example
 ``kernels.why_not("memory_mlp", q, flat)`` -> ``["hidden width 24 not among the kernel's
 (16, 32, 64)"]``; an empty list means the kernel runs. The library is built (once per machine,
