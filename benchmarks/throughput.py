@@ -12,7 +12,7 @@ appends the run to a JSON-lines file with what it ran on: commit, device, thread
 batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
 straightforward implementation) for comparison; ``--no-kernels`` keeps the package's layer but
-switches the CPU kernels off (``TITANS_LIGHTNING_FUSED=0``): every operation on PyTorch.
+switches the CPU kernels off (``TITANS_LIGHTNING_KERNELS=0``): every operation on PyTorch.
 ``--compile encoder`` runs the encoder layers through ``torch.compile``, as
 ``--model.compile encoder`` does (``titans_lightning.module.compile_encoders``); each mode and
 context window then compiles in its first batch, a warm-up batch unless ``--warmup 0`` (the
