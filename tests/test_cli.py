@@ -219,6 +219,15 @@ def test_an_integer_batch_limit_is_a_count_of_batches_even_one(tiny_sinwave):
     assert other.trainer.limit_val_batches == 0.5  # a fraction stays a fraction
 
 
+def test_lightnings_environment_defaults_for_the_batch_limits_still_count(tiny_sinwave,
+                                                                          monkeypatch):
+    monkeypatch.setenv("PL_TRAINER_LIMIT_TRAIN_BATCHES", "2")
+    cli = TitansCLI([*tiny_sinwave], run=False)
+    assert cli.trainer.limit_train_batches == 2
+    given = TitansCLI([*tiny_sinwave, "--trainer.limit_train_batches", "3"], run=False)
+    assert given.trainer.limit_train_batches == 3  # the command line over the environment
+
+
 def test_version(capsys):
     from titans_lightning import __version__
 

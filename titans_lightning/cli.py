@@ -90,10 +90,12 @@ class Trainer(L.Trainer):
                  limit_val_batches: int | float | None = None,
                  limit_test_batches: int | float | None = None,
                  limit_predict_batches: int | float | None = None, **kwargs: Any):
-        super().__init__(**kwargs, limit_train_batches=limit_train_batches,
-                         limit_val_batches=limit_val_batches,
-                         limit_test_batches=limit_test_batches,
-                         limit_predict_batches=limit_predict_batches)
+        limits = {"limit_train_batches": limit_train_batches,
+                  "limit_val_batches": limit_val_batches,
+                  "limit_test_batches": limit_test_batches,
+                  "limit_predict_batches": limit_predict_batches}
+        # those not given stay unpassed, so Lightning's PL_TRAINER_LIMIT_* variables still count
+        super().__init__(**kwargs, **{k: v for k, v in limits.items() if v is not None})
 
 
 class TitansCLI(LightningCLI):
