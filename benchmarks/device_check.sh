@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, log to $out/NAME.log, remember
   timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1 || status=$?
   if [ "$status" = 0 ]; then
     echo "   ok in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
-  elif [ "$status" = 124 ] || [ "$status" = 137 ]; then
+  elif [ "$status" = 124 ] || { [ "$status" = 137 ] && [ $((SECONDS - start)) -ge "$limit" ]; }; then
     echo "   FAILED: timed out after $limit s, see $name.log" | tee -a "$out/summary.txt"
     failed+=("$name")
   else
@@ -44,8 +44,9 @@ step() {  # step NAME SECONDS COMMAND...: run it, log to $out/NAME.log, remember
   fi
 }
 
-"$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" > "$out/device.txt" 2>&1
+timeout --kill-after=5 25 "$python" -c "import torch; print('torch', torch.__version__, 'cuda',
+torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" \
+  > "$out/device.txt" 2>&1
 if [ "$shrink" = 1 ]; then
   device=cpu; batches=(--batches 1 --warmup 0 --threads 1)
   fit=(--model.dim_feedforward 32 --trainer.limit_train_batches 2 --trainer.limit_val_batches 2
@@ -57,14 +58,15 @@ else
   compile_env=(env)
 fi
 
-# the budget: 150 + 90 + 150 + 90 s = 8 minutes
-step cuda_tests 150 "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py \
+# the budget: 30 s for the device line above, then 125 + 80 + 125 + 80 s, each with up to 10 s
+# more to stop a step that overran: 8 minutes
+step cuda_tests 125 "$python" -m pytest -q tests/test_cuda.py tests/test_precision.py \
   "tests/test_compile.py::test_the_compiled_encoder_trains_and_evaluates_as_the_eager_one[cuda]"
-step throughput 90 "$python" benchmarks/throughput.py --device "$device" "${batches[@]}" \
+step throughput 80 "$python" benchmarks/throughput.py --device "$device" "${batches[@]}" \
   --out "$out/throughput.jsonl"
-step throughput_compiled 150 "${compile_env[@]}" "$python" benchmarks/throughput.py \
+step throughput_compiled 125 "${compile_env[@]}" "$python" benchmarks/throughput.py \
   --device "$device" "${batches[@]}" --compile encoder --out "$out/throughput.jsonl"
-step fit 90 env -C "$out" "$python" -m titans_lightning.cli fit \
+step fit 80 sh -c 'cd "$1" && shift && exec "$@"' in_out "$out" "$python" -m titans_lightning.cli fit \
   --config "$PWD/configs/sinwave.yaml" --trainer.max_epochs 1 \
   --trainer.enable_progress_bar false "${fit[@]}"  # its logs/ in $out
 find "$out/logs" -name result.json -exec cp {} "$out/fit_result.json" \; 2>/dev/null

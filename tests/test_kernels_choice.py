@@ -3,6 +3,7 @@ kernel was not used, follows what it says, has one switch, builds the library on
 would run on it, and the kernels themselves refuse sizes outside their limits."""
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,7 +194,9 @@ def test_every_c_function_returns_a_status_that_python_declares():
 def kernel_size_warnings(model, x):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kernels.KernelSizeWarning)
-        model(x)
+        model(x)  # training: the query needs a gradient, which its kernel has not anyway
+        with torch.no_grad():
+            model(x)
     return sorted({str(w.message).split(" ")[0] for w in caught
                    if issubclass(w.category, kernels.KernelSizeWarning)})
 
@@ -209,6 +212,23 @@ def test_a_model_of_sizes_the_kernels_do_not_take_says_which_operations_lose_the
                                              "mac_query"]
     assert kernel_size_warnings(wide.double(), x.double()) == []  # float64: the user's choice
     assert kernel_size_warnings(MACTitan(dim_feedforward=64, context_window=16), x) == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", kernels.KernelSizeWarning)
+        MACTitan(hidden_dim=32, dim_feedforward=64, context_window=16)(x)
+    assert all(w.filename == str(Path(kernels.__file__).parents[1] / "encoder.py")
+               or w.filename.endswith(("model.py", "titans_default.py")) for w in caught)
+
+
+def test_a_refusal_that_other_sizes_would_not_lift_does_not_warn():
+    """Only a size stands between these arguments and the kernel, or nothing is said: a query
+    that needs a gradient runs on PyTorch whatever its sizes."""
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", kernels.KernelSizeWarning)
+        kernels.mac_query(x, nn.Linear(32, 32), True)
+    with pytest.warns(kernels.KernelSizeWarning, match="mac_query runs on PyTorch"), \
+            torch.no_grad():
+        kernels.mac_query(x, nn.Linear(32, 32), True)
 
 
 def test_the_probe_of_a_strategy_does_not_warn_about_its_own_small_sizes():

@@ -231,7 +231,7 @@ def test_a_view_offers_only_what_a_surprise_reads():
     offered = {name for name in dir(MemoryAt) if not name.startswith("_")}
     assert offered == {"fast_weights", "weights", "n_slots", "retrieve", "recall_error", "at",
                        "state", "options", "dim", "hidden", "num_layers", "weight_names",
-                       "flatten", "unflatten", "differentiable", "reduce"}
+                       "flatten", "unflatten", "differentiable", "training", "reduce"}
     torch.manual_seed(0)
     memory = NeuralMemory(strategy="titans_default")
     flat = torch.randn(3, memory.fast_weights.shape[1])  # (3, n): other weights, three slots
@@ -243,6 +243,8 @@ def test_a_view_offers_only_what_a_surprise_reads():
     assert torch.equal(view.flatten(view.weights), flat)
     assert (view.dim, view.hidden, view.num_layers, view.weight_names) == (
         memory.dim, memory.hidden, memory.num_layers, memory.weight_names)
+    memory.eval()
+    assert view.training is False  # read from the memory, never set through the view
     assert view.state["momentum"] is memory.state["momentum"]
     with pytest.raises(TypeError):
         view.options["theta"] = 5.0  # read-only

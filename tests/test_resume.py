@@ -183,3 +183,16 @@ def test_a_resumed_runs_saved_config_makes_a_new_run(tiny_sinwave, in_tmp):
     assert again.trainer.global_step == resumed.trainer.global_step  # from the start, 2 epochs
     assert result_of(again)["test_mse"] == pytest.approx(result_of(resumed)["test_mse"],
                                                          rel=1e-6)
+
+
+def test_ckpt_path_last_in_a_folder_the_user_fixed_is_the_set_and_forget_resume(tiny_sinwave,
+                                                                                 in_tmp):
+    """A requeued job passes ``last`` every time: its first attempt, in an empty folder it
+    named, trains from the start (Lightning warns), and the next one resumes there."""
+    fixed = [*tiny_sinwave, "--trainer.logger", "false", "--trainer.default_root_dir", "job",
+             "--ckpt_path", "last"]
+    with pytest.warns(UserWarning, match="no last checkpoint available"):
+        first = TitansCLI(["fit", *fixed, "--trainer.max_epochs", "1"])
+    assert first.trainer.global_step == 4
+    again = TitansCLI(["fit", *fixed, "--trainer.max_epochs", "2"])
+    assert again.trainer.global_step == 8  # went on from the first attempt's last checkpoint

@@ -156,8 +156,9 @@ class TitansCLI(LightningCLI):
             _ = logger.version                # resolved before any of them writes there
         for init_args, version in self.given_versions:
             init_args.version = version  # the folder chosen for this run is not its config
-        refuse_a_missing_last_checkpoint(self.trainer, self.config[self.subcommand]
-                                         if self.subcommand else self.config)
+        refuse_a_missing_last_checkpoint(
+            self.trainer, self.config[self.subcommand] if self.subcommand else self.config,
+            self.given_versions)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
@@ -336,9 +337,6 @@ class TitansCLI(LightningCLI):
 MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
 MAY_ALWAYS_DIFFER = {"compile"}  # how the same maths runs: also a resumed fit may change it
 LINKED_FROM_DATA = {"input_dim", "output_dim"}
-LIGHTNING_CHECKPOINT_NAMES = {"last", "best", "hpc", "registry"}  # looked up in the run's folder
-
-
 def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,
                           source: dict[str, str] | None) -> list[str]:
     """One line per model setting in which the configuration differs from the checkpoint."""
@@ -593,23 +591,29 @@ def holds_only_setup_files(folder: Path) -> bool:
                for p in folder.iterdir())
 
 
-def refuse_a_missing_last_checkpoint(trainer: L.Trainer, config: Any) -> None:
-    """``--ckpt_path last`` where the run's checkpoint folder holds no ``last.ckpt``: Lightning
-    would warn, then fit from the start or score the untrained model, and exit 0. That folder
-    is a new run's whenever the logger picks a new version (``logger: true``, the shipped
-    TensorBoard and CSV loggers without a version, W&B's or MLflow's new run), so refuse."""
+def refuse_a_missing_last_checkpoint(trainer: L.Trainer, config: Any,
+                                     given_versions: list[tuple[Any, Any]]) -> None:
+    """``--ckpt_path last`` that finds no last checkpoint in a checkpoint folder the logger has
+    just picked (a new version: ``logger: true``, the shipped TensorBoard and CSV loggers without
+    a version, a new W&B or MLflow run): Lightning would warn, then fit from the start or score
+    the untrained model, and exit 0, so refuse. Where the user fixed the folder (a version, no
+    logger, a checkpoint ``dirpath``), ``last`` is the set-and-forget resume of a job that is
+    requeued, and an empty folder is its first attempt: Lightning's warning stands."""
     if config.get("ckpt_path") != "last":
         return
-    found = set().union(*(callback._find_last_checkpoints(trainer)  # Lightning's own lookup
-                          for callback in trainer.checkpoint_callbacks
-                          if isinstance(callback, ModelCheckpoint)))
-    if not any(Path(path).is_file() for path in found):
-        folder = run_folder(trainer) or Path(trainer.default_root_dir)
-        raise ValueError(
-            f"--ckpt_path last finds no last checkpoint: it looks in this run's own folder "
-            f"({folder}), a new run's, so Lightning would go on from untrained weights. Give the "
-            "checkpoint file of the run, --ckpt_path RUN/checkpoints/last.ckpt (its folder is "
-            "then reused)")
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    chosen = (callbacks and all(c.dirpath is not None for c in callbacks)) or not trainer.loggers \
+        or (len(given_versions) == len(trainer.loggers)
+            and all(version is not None for _, version in given_versions))
+    if chosen or any(c._find_last_checkpoints(trainer) for c in callbacks):  # Lightning's lookup
+        return
+    folder = run_folder(trainer) or Path(trainer.default_root_dir)
+    raise ValueError(
+        f"--ckpt_path last finds no last checkpoint: it looks in the folder the logger picked "
+        f"for this run ({folder}), a new one, so Lightning would go on from untrained weights. "
+        "Give the checkpoint file of the run, --ckpt_path RUN/checkpoints/last.ckpt (its folder "
+        "is then reused), or fix the folder (--trainer.logger.init_args.version NAME) to resume "
+        "whatever it holds")
 
 
 def warn_without_checkpoint(ckpt_path: str | None, subcommand: str) -> None:

@@ -365,8 +365,8 @@ class MemoryAt:
       ``state[name] = tensor``, as ``delta_energy`` and ``omega_window`` do, which the harness
       checks and rolls back as any new state), ``options`` (read-only), the sizes ``dim``,
       ``hidden``, ``num_layers`` and ``weight_names``, ``flatten`` and ``unflatten``, whether
-      the rule keeps its graph (``differentiable``), and the hook combining a surprise and its
-      gradient across processes (``reduce``);
+      the rule keeps its graph (``differentiable``), whether the model trains (``training``),
+      and the hook combining a surprise and its gradient across processes (``reduce``);
     * private attributes of the rule's own (``_name``), such as multi_step's
       ``_multi_step_chunk``: set on a view, they are set on the memory, as plain attributes,
       for the update's ``apply_update``.
@@ -447,6 +447,10 @@ class MemoryAt:
     @property
     def differentiable(self) -> bool:
         return self._memory.differentiable
+
+    @property
+    def training(self) -> bool:
+        return self._memory.training
 
     @property
     def reduce(self) -> Any:

@@ -6,7 +6,8 @@
                 infinite; such a score is written as null
     config      the full parsed configuration (dict)
     commit      ``git rev-parse HEAD`` of the package's checkout when the run started, with
-                ``-dirty`` when its code differed from that commit (see ``git_commit``), or null
+                ``-dirty`` when its code differed from that commit, ``-unknown`` when git could
+                not tell (see ``git_commit``), or null
     seed        the seed the run was started with
     wall_s      seconds from the start of fit to the end of the test; for a resumed fit, with the
                 earlier attempts' time up to the checkpoint it resumed from
@@ -65,24 +66,27 @@ CODE_PATHS = ("titans_lightning", "datamodules", "callbacks", "configs", "benchm
 
 def git_commit(folder: Path | None = None, code: tuple[str, ...] = CODE_PATHS) -> str | None:
     """The commit of the checkout this package (or ``folder``) is in, with ``-dirty`` appended
-    when the ``code`` paths (relative to the checkout's top) differ from it, tracked or not, so
-    that a record never names a commit whose code it did not run; None outside a git checkout.
-    Take it when a run starts: a checkout may move on while a long run is under way."""
+    when the ``code`` paths (relative to the checkout's top; ``*`` as in a shell) differ from it,
+    tracked or not, so that a record never names a commit whose code it did not run, and
+    ``-unknown`` when git could not tell. None outside a git checkout, or where the folder is
+    not part of the checkout around it (a package installed into a virtual environment that
+    lies in some other repository). Take it when a run starts: a checkout may move on while a
+    long run is under way."""
     folder = folder or Path(__file__).resolve().parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never hold the index lock of a user's git
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+                              timeout=10, check=True, env=env).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
+        if not commit or not git("ls-files", "--", "."):  # nothing of the folder is tracked
+            return None
     except (OSError, subprocess.SubprocessError):
         return None
-    if not commit:
-        return None
     try:
-        changed = git("status", "--porcelain", "--", *(f":(top,glob){p}" if "*" in p
-                                                      else f":(top){p}" for p in code))
+        changed = git("status", "--porcelain", "--", *(f":(top){p}" for p in code))
     except (OSError, subprocess.SubprocessError):
         return f"{commit}-unknown"  # the commit is known, whether its code ran is not
     return f"{commit}-dirty" if changed else commit

@@ -219,37 +219,33 @@ class _Size(str):
     """A refusal for a size the kernel does not take: it holds for every call of the model."""
 
 
-class _Setting(str):
-    """A refusal for where the tensors are or what they hold (the switch, device, dtype,
-    autocast): the user chose the PyTorch path."""
-
-
 def _warn_about_sizes(op: str, reasons: list[str]) -> None:
-    if any(isinstance(r, _Setting) for r in reasons) or not any(isinstance(r, _Size)
-                                                                for r in reasons):
+    if not all(isinstance(r, _Size) for r in reasons):  # other sizes alone would not help
         return
+    if build._load.cache_info().currsize and build.failure() is not None:  # asks no build
+        return  # the build failure has been reported; no size would bring the kernels back
     warnings.warn(  # Python's warning registry shows each message once per calling line
         f"{op} runs on PyTorch's operators, not its CPU kernel, for sizes the kernel does not "
         f"take: {'; '.join(reasons)}. The results are the same, only slower; "
         "titans_lightning.kernels.why_not says why for any call, and the README's kernel "
-        "section lists the sizes each kernel takes", KernelSizeWarning, stacklevel=3)
+        "section lists the sizes each kernel takes", KernelSizeWarning, stacklevel=4)
 
 
 def _cpu_float32(*tensors: Tensor, autocast: bool = True) -> list[str]:
     """The switch, devices and dtypes (and CPU autocast, whose operators would hand the kernels
     other dtypes), each reason once. The usual case, all float32 on the CPU, takes one
     attribute test per tensor."""
-    reasons = [_Setting(f"disabled by {build.SWITCH}=0")] if build.switched_off() else []
+    reasons = [f"disabled by {build.SWITCH}=0"] if build.switched_off() else []
     for t in tensors:
         if not t.is_cpu or t.dtype is not torch.float32:
             devices = {t.device.type for t in tensors if not t.is_cpu}
-            reasons += [_Setting(f"tensor on {device}") for device in sorted(devices)]
+            reasons += [f"tensor on {device}" for device in sorted(devices)]
             dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors
                       if t.dtype is not torch.float32}
-            reasons += [_Setting(f"{dtype} tensor") for dtype in sorted(dtypes)]
+            reasons += [f"{dtype} tensor" for dtype in sorted(dtypes)]
             break
     if autocast and torch.is_autocast_enabled("cpu"):
-        reasons.append(_Setting("CPU autocast is on"))
+        reasons.append("CPU autocast is on")
     return reasons
 
 

@@ -26,6 +26,9 @@ SOURCES = sorted(CSRC.glob("*.cpp"))
 HEADERS = sorted(CSRC.glob("*.h"))
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 SWITCH = "TITANS_LIGHTNING_KERNELS"  # "0": the kernels are never chosen (and never built)
+if "TITANS_LIGHTNING_FUSED" in os.environ:  # the switch's earlier name
+    warnings.warn(f"TITANS_LIGHTNING_FUSED is not read any more: the kernels' switch is {SWITCH} "
+                  f"(set {SWITCH}=0 to switch them off)", FutureWarning, stacklevel=2)
 
 _P, _I64, _U64, _U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32
 _F32, _INT, _I64_OUT = ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
