@@ -204,7 +204,8 @@ def _runs_on_kernel(op: str, *args) -> bool:
     # (a chain of generators cost several times more) and the build is asked last.
     reasons = _REFUSALS[op](*args)
     if reasons:
-        _warn_about_sizes(op, reasons)
+        if type(reasons[0]) is _Size:  # else not all of them are: no warning, no call
+            _warn_about_sizes(op, reasons)
         return False
     return build.failure() is None
 
