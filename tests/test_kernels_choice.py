@@ -191,35 +191,50 @@ def test_every_c_function_returns_a_status_that_python_declares():
     assert defined == returning_int == set(build.SIGNATURES)
 
 
-def kernel_size_warnings(model, x):
+@pytest.fixture
+def warned_about_nothing_yet(monkeypatch):
+    monkeypatch.setattr(kernels, "_SIZES_WARNED", set())
+
+
+def size_warnings(model, x):
+    """The KernelSizeWarnings of a training forward and an evaluation forward, each warned
+    about afresh."""
+    kernels._SIZES_WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", kernels.KernelSizeWarning)
         model(x)  # training: the query needs a gradient, which its kernel has not anyway
         with torch.no_grad():
             model(x)
-    return sorted({str(w.message).split(" ")[0] for w in caught
-                   if issubclass(w.category, kernels.KernelSizeWarning)})
+    return [w for w in caught if issubclass(w.category, kernels.KernelSizeWarning)]
+
+
+def operations(caught):
+    return sorted(str(w.message).split(" ")[0] for w in caught)
 
 
 @needs_kernels
-def test_a_model_of_sizes_the_kernels_do_not_take_says_which_operations_lose_them():
-    """``--model.hidden_dim 32`` used to lose the encoder's and the keys' kernels silently."""
+def test_a_model_of_sizes_the_kernels_do_not_take_says_which_operations_lose_them(
+        warned_about_nothing_yet):
+    """``--model.hidden_dim 32`` used to lose the encoder's and the keys' kernels silently:
+    each operation is named once, at the package's line that called it."""
     from titans_lightning import MACTitan
     torch.manual_seed(0)
     x = torch.randn(2, 40, 1)
     wide = MACTitan(hidden_dim=32, dim_feedforward=64, context_window=16)
-    assert kernel_size_warnings(wide, x) == ["add_norm", "feed_forward_add_norm", "keys_values",
-                                             "mac_query"]
-    assert kernel_size_warnings(wide.double(), x.double()) == []  # float64: the user's choice
-    assert kernel_size_warnings(MACTitan(dim_feedforward=64, context_window=16), x) == []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", kernels.KernelSizeWarning)
-        MACTitan(hidden_dim=32, dim_feedforward=64, context_window=16)(x)
-    assert all(w.filename == str(Path(kernels.__file__).parents[1] / "encoder.py")
-               or w.filename.endswith(("model.py", "titans_default.py")) for w in caught)
+    caught = size_warnings(wide, x)
+    assert operations(caught) == ["add_norm", "feed_forward_add_norm", "keys_values", "mac_query"]
+    assert operations(size_warnings(wide.double(), x.double())) == []  # float64: the user's
+    assert operations(size_warnings(MACTitan(dim_feedforward=64, context_window=16), x)) == []
+    # a memory of width 64 misses the memory kernels too; no warning points inside the kernels
+    caught += size_warnings(MACTitan(hidden_dim=64, dim_feedforward=64, context_window=16), x)
+    assert {"memory_mlp", "recall_error"} <= set(operations(caught[4:]))
+    package = Path(kernels.__file__).parents[1]
+    for w in caught:
+        assert Path(w.filename).parent in (package, package / "strategies"), w.filename
+        assert Path(w.filename).name not in ("memory_network.py",), w.filename
 
 
-def test_a_refusal_that_other_sizes_would_not_lift_does_not_warn():
+def test_a_refusal_that_other_sizes_would_not_lift_does_not_warn(warned_about_nothing_yet):
     """Only a size stands between these arguments and the kernel, or nothing is said: a query
     that needs a gradient runs on PyTorch whatever its sizes."""
     x = torch.randn(2, 5, 32, requires_grad=True)
@@ -231,9 +246,11 @@ def test_a_refusal_that_other_sizes_would_not_lift_does_not_warn():
         kernels.mac_query(x, nn.Linear(32, 32), True)
 
 
-def test_the_probe_of_a_strategy_does_not_warn_about_its_own_small_sizes():
+def test_the_probe_of_a_strategy_does_not_warn_about_its_own_small_sizes(
+        warned_about_nothing_yet):
     from titans_lightning.strategy import probe_strategy
     from titans_lightning.strategies import titans_default
     with warnings.catch_warnings():
         warnings.simplefilter("error", kernels.KernelSizeWarning)
-        probe_strategy(titans_default, "titans_default", {"theta": 0.02})
+        probe_strategy(titans_default, "titans_default", {"theta": 0.0217})  # not probed yet
+    assert not kernels._SIZES_WARNED  # nor keeps a real model of those sizes from warning

@@ -185,12 +185,15 @@ def test_a_resumed_runs_saved_config_makes_a_new_run(tiny_sinwave, in_tmp):
                                                          rel=1e-6)
 
 
+@pytest.mark.parametrize("folder", [["--trainer.logger", "false", "--trainer.default_root_dir",
+                                      "job"],
+                                     ["--trainer.logger.init_args.version", "job"]],
+                         ids=["no-logger", "a-version"])
 def test_ckpt_path_last_in_a_folder_the_user_fixed_is_the_set_and_forget_resume(tiny_sinwave,
-                                                                                 in_tmp):
+                                                                                 in_tmp, folder):
     """A requeued job passes ``last`` every time: its first attempt, in an empty folder it
     named, trains from the start (Lightning warns), and the next one resumes there."""
-    fixed = [*tiny_sinwave, "--trainer.logger", "false", "--trainer.default_root_dir", "job",
-             "--ckpt_path", "last"]
+    fixed = [*tiny_sinwave, *folder, "--ckpt_path", "last"]
     with pytest.warns(UserWarning, match="no last checkpoint available"):
         first = TitansCLI(["fit", *fixed, "--trainer.max_epochs", "1"])
     assert first.trainer.global_step == 4

@@ -158,7 +158,7 @@ class TitansCLI(LightningCLI):
             init_args.version = version  # the folder chosen for this run is not its config
         refuse_a_missing_last_checkpoint(
             self.trainer, self.config[self.subcommand] if self.subcommand else self.config,
-            self.given_versions)
+            self.run_folder_fixed)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         saved = getattr(self, "checkpoint_hparams", None)
@@ -193,6 +193,7 @@ class TitansCLI(LightningCLI):
         share_run_folder(config)
         if self.subcommand is not None and config.get("ckpt_path"):
             continue_in_run_folder(config, config.ckpt_path)  # fit resumes; the others score
+        self.run_folder_fixed = run_folder_fixed(config)
         name_new_run_folder(config)  # a folder that neither the user nor a checkpoint chose
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -591,21 +592,31 @@ def holds_only_setup_files(folder: Path) -> bool:
                for p in folder.iterdir())
 
 
-def refuse_a_missing_last_checkpoint(trainer: L.Trainer, config: Any,
-                                     given_versions: list[tuple[Any, Any]]) -> None:
+def run_folder_fixed(config: Any) -> bool:
+    """Whether the folder that Lightning takes checkpoints from, the first logger's (or
+    ``default_root_dir``'s without a logger), is fixed by the config (a version given, or set
+    by ``--ckpt_path``), rather than picked by the logger when it starts (``logger: true``, a
+    TensorBoard or CSV logger without a version, W&B's or MLflow's new run)."""
+    loggers = config.trainer.logger
+    if loggers in (False, None, []):
+        return True
+    first = loggers[0] if isinstance(loggers, list) else loggers
+    return writes_run_folder(first) and first.init_args.get("version") is not None
+
+
+def refuse_a_missing_last_checkpoint(trainer: L.Trainer, config: Any, folder_fixed: bool
+                                     ) -> None:
     """``--ckpt_path last`` that finds no last checkpoint in a checkpoint folder the logger has
-    just picked (a new version: ``logger: true``, the shipped TensorBoard and CSV loggers without
-    a version, a new W&B or MLflow run): Lightning would warn, then fit from the start or score
-    the untrained model, and exit 0, so refuse. Where the user fixed the folder (a version, no
+    just picked (see :func:`run_folder_fixed`): Lightning would warn, then fit from the start or
+    score the untrained model, and exit 0, so refuse. Where the folder is fixed (a version, no
     logger, a checkpoint ``dirpath``), ``last`` is the set-and-forget resume of a job that is
     requeued, and an empty folder is its first attempt: Lightning's warning stands."""
     if config.get("ckpt_path") != "last":
         return
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    chosen = (callbacks and all(c.dirpath is not None for c in callbacks)) or not trainer.loggers \
-        or (len(given_versions) == len(trainer.loggers)
-            and all(version is not None for _, version in given_versions))
-    if chosen or any(c._find_last_checkpoints(trainer) for c in callbacks):  # Lightning's lookup
+    if folder_fixed or (callbacks and all(c.dirpath is not None for c in callbacks)):
+        return
+    if any(c._find_last_checkpoints(trainer) for c in callbacks):  # Lightning's own lookup
         return
     folder = run_folder(trainer) or Path(trainer.default_root_dir)
     raise ValueError(

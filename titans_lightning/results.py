@@ -66,14 +66,16 @@ CODE_PATHS = ("titans_lightning", "datamodules", "callbacks", "configs", "benchm
 
 def git_commit(folder: Path | None = None, code: tuple[str, ...] = CODE_PATHS) -> str | None:
     """The commit of the checkout this package (or ``folder``) is in, with ``-dirty`` appended
-    when the ``code`` paths (relative to the checkout's top; ``*`` as in a shell) differ from it,
-    tracked or not, so that a record never names a commit whose code it did not run, and
-    ``-unknown`` when git could not tell. None outside a git checkout, or where the folder is
+    when the ``code`` paths (relative to the checkout's top; a ``*`` matches across folders
+    too) differ from it, tracked or not, so that a record never names a commit whose code it
+    did not run, and ``-unknown`` when git could not tell. None outside a git checkout, or where the folder is
     not part of the checkout around it (a package installed into a virtual environment that
     lies in some other repository). Take it when a run starts: a checkout may move on while a
     long run is under way."""
     folder = folder or Path(__file__).resolve().parent
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never hold the index lock of a user's git
+    env = {k: v for k, v in os.environ.items()  # a user's pathspec settings would change
+           if not (k.startswith("GIT_") and k.endswith("_PATHSPECS"))}  # what counts as code
+    env["GIT_OPTIONAL_LOCKS"] = "0"  # and never hold the index lock of the user's own git
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True,

@@ -23,7 +23,6 @@ import torch
 from .contract import (CONTRACT, KINDS_OF_SPEC, PROBING, USER_MODULE_PREFIX, StrategyError,
                        builtin_strategies, check_contract, check_options, describe,
                        did_you_mean, probing, resolve_strategy, show, strategy_source)
-from .kernels import KernelSizeWarning
 from .memory import NeuralMemory
 
 __all__ = ["CONTRACT", "KINDS_OF_SPEC", "USER_MODULE_PREFIX", "StrategyError", "builtin_strategies",
@@ -72,8 +71,7 @@ def probe_strategy(strategy: Any, where: str, options: Mapping[str, Any] | None 
     token = PROBING.set(True)
     try:
         with torch.random.fork_rng(devices=[]), torch.device("cpu"), \
-                torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", KernelSizeWarning)  # the probe's sizes are its own
+                torch.inference_mode(False), torch.enable_grad():
             torch.default_generator.manual_seed(0)
             memory = NeuralMemory(PROBE_DIM, PROBE_HIDDEN, 2, traced, dict(options or {}))
             for _ in range(2):  # the second update sees the state the first one wrote

@@ -17,12 +17,15 @@ it takes first reaches an operation.
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..contract import PROBING
 from . import build, cpu, reference
 from .reference import Drops, all_finite, dropout_draws
 
@@ -213,23 +216,33 @@ def _runs_on_kernel(op: str, *args) -> bool:
 class KernelSizeWarning(RuntimeWarning):
     """Float32 CPU tensors, the kernels switched on, and an operation runs on PyTorch's
     operators only because of its sizes (``--model.hidden_dim 32``, say): the same results,
-    slower. Shown once per operation, sizes and place that calls it."""
+    slower. Shown once per process for each operation and its sizes."""
 
 
 class _Size(str):
     """A refusal for a size the kernel does not take: it holds for every call of the model."""
 
 
+_SIZES_WARNED: set[tuple[str, ...]] = set()  # (op, *reasons) already warned about
+_OWN_FILES = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent),
+              str(Path(__file__).resolve().parents[1] / "memory_network.py"))
+
+
 def _warn_about_sizes(op: str, reasons: list[str]) -> None:
-    if not all(isinstance(r, _Size) for r in reasons):  # other sizes alone would not help
-        return
+    key = (op, *reasons)
+    if key in _SIZES_WARNED or not all(isinstance(r, _Size) for r in reasons) or PROBING.get():
+        return  # said already, other sizes alone would not help, or the probe's own sizes
     if build._load.cache_info().currsize and build.failure() is not None:  # asks no build
         return  # the build failure has been reported; no size would bring the kernels back
-    warnings.warn(  # Python's warning registry shows each message once per calling line
+    _SIZES_WARNED.add(key)
+    level, frame = 2, sys._getframe(1)  # the warning points at the first caller outside the
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_FILES):  # kernels
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
         f"{op} runs on PyTorch's operators, not its CPU kernel, for sizes the kernel does not "
         f"take: {'; '.join(reasons)}. The results are the same, only slower; "
         "titans_lightning.kernels.why_not says why for any call, and the README's kernel "
-        "section lists the sizes each kernel takes", KernelSizeWarning, stacklevel=4)
+        "section lists the sizes each kernel takes", KernelSizeWarning, stacklevel=level)
 
 
 def _cpu_float32(*tensors: Tensor, autocast: bool = True) -> list[str]:
