@@ -338,6 +338,8 @@ class TitansCLI(LightningCLI):
 MAY_DIFFER_WHEN_SCORING = {"eval_protocol", "lr"}
 MAY_ALWAYS_DIFFER = {"compile"}  # how the same maths runs: also a resumed fit may change it
 LINKED_FROM_DATA = {"input_dim", "output_dim"}
+
+
 def checkpoint_mismatches(saved: dict[str, Any], model: Any, subcommand: str,
                           source: dict[str, str] | None) -> list[str]:
     """One line per model setting in which the configuration differs from the checkpoint."""

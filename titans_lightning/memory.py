@@ -354,6 +354,11 @@ class NeuralMemory(nn.Module):
                 f"strategy={strategy}, slots={self.n_slots}")
 
 
+def _the_memorys(name: str) -> property:
+    """A read-only attribute of a view that is the memory's own ``name``."""
+    return property(lambda view: getattr(view._memory, name))
+
+
 class MemoryAt:
     """The memory seen with other fast weights ``flat`` (S, n_weights): what ``compute_surprise``
     receives (see :meth:`NeuralMemory.at`). A view only computes a surprise, and offers only
@@ -414,47 +419,20 @@ class MemoryAt:
         return MemoryAt(self._memory, flat)
 
     # -- the memory's own, to read -------------------------------------------------------------
-    @property
-    def state(self) -> StrategyState:
-        return self._memory.state
+    state = _the_memorys("state")  # a StrategyState
+    dim = _the_memorys("dim")
+    hidden = _the_memorys("hidden")
+    num_layers = _the_memorys("num_layers")
+    weight_names = _the_memorys("weight_names")
+    flatten = _the_memorys("flatten")  # the memory's own methods: its layout, not its weights
+    unflatten = _the_memorys("unflatten")
+    differentiable = _the_memorys("differentiable")
+    training = _the_memorys("training")
+    reduce = _the_memorys("reduce")
 
     @property
     def options(self) -> Mapping[str, Any]:
         return MappingProxyType(self._memory.options)
-
-    @property
-    def dim(self) -> int:
-        return self._memory.dim
-
-    @property
-    def hidden(self) -> int:
-        return self._memory.hidden
-
-    @property
-    def num_layers(self) -> int:
-        return self._memory.num_layers
-
-    @property
-    def weight_names(self) -> tuple[str, ...]:
-        return self._memory.weight_names
-
-    def flatten(self, weights: Mapping[str, Tensor]) -> Tensor:
-        return self._memory.flatten(weights)
-
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        return self._memory.unflatten(flat)
-
-    @property
-    def differentiable(self) -> bool:
-        return self._memory.differentiable
-
-    @property
-    def training(self) -> bool:
-        return self._memory.training
-
-    @property
-    def reduce(self) -> Any:
-        return self._memory.reduce
 
     # -- everything else: the rule's own private attributes, or refused ---------------------------
     def __getattr__(self, name: str) -> Any:
@@ -480,9 +458,8 @@ _OFFERED = tuple(name for name in vars(MemoryAt) if not name.startswith("_"))
 def _is_the_rules(memory: NeuralMemory, name: str) -> bool:
     """Whether ``name`` is a private attribute of the rule's own: not the harness's, nor the
     view's own (set on the memory, it would not change the view)."""
-    harness = vars(memory).get("_harness_names") or set(vars(memory)) | set(dir(type(memory)))
-    return (name.startswith("_") and not name.startswith("__") and name not in harness
-            and name not in MemoryAt.__slots__)
+    return (name.startswith("_") and not name.startswith("__")
+            and name not in memory._harness_names and name not in MemoryAt.__slots__)
 
 
 def _refusal(name: str, what: str) -> str:

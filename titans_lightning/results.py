@@ -68,10 +68,10 @@ def git_commit(folder: Path | None = None, code: tuple[str, ...] = CODE_PATHS) -
     """The commit of the checkout this package (or ``folder``) is in, with ``-dirty`` appended
     when the ``code`` paths (relative to the checkout's top; a ``*`` matches across folders
     too) differ from it, tracked or not, so that a record never names a commit whose code it
-    did not run, and ``-unknown`` when git could not tell. None outside a git checkout, or where the folder is
-    not part of the checkout around it (a package installed into a virtual environment that
-    lies in some other repository). Take it when a run starts: a checkout may move on while a
-    long run is under way."""
+    did not run, and ``-unknown`` when git could not tell. None outside a git checkout, or
+    where the folder is not part of the checkout around it (a package installed into a
+    virtual environment that lies in some other repository). Take it when a run starts: a
+    checkout may move on while a long run is under way."""
     folder = folder or Path(__file__).resolve().parent
     env = {k: v for k, v in os.environ.items()  # a user's pathspec settings would change
            if not (k.startswith("GIT_") and k.endswith("_PATHSPECS"))}  # what counts as code

@@ -232,7 +232,7 @@ def _warn_about_sizes(op: str, reasons: list[str]) -> None:
     key = (op, *reasons)
     if key in _SIZES_WARNED or not all(isinstance(r, _Size) for r in reasons) or PROBING.get():
         return  # said already, other sizes alone would not help, or the probe's own sizes
-    if build._load.cache_info().currsize and build.failure() is not None:  # asks no build
+    if build.known_failure() is not None:
         return  # the build failure has been reported; no size would bring the kernels back
     _SIZES_WARNED.add(key)
     level, frame = 2, sys._getframe(1)  # the warning points at the first caller outside the

@@ -70,6 +70,11 @@ def failure() -> str | None:
     return _load()[1]
 
 
+def known_failure() -> str | None:
+    """:func:`failure` if a build was tried already, else None: it never starts one."""
+    return _load()[1] if _load.cache_info().currsize else None
+
+
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     try:
