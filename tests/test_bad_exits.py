@@ -43,7 +43,7 @@ def test_a_second_fit_into_an_explicit_version_folder_is_refused(tiny_sinwave, i
 
 def test_fast_dev_run_finishes(tiny_sinwave, in_tmp, capsys):
     TitansCLI(["fit", *tiny_sinwave, "--trainer.fast_dev_run", "true"])
-    assert "no logger, so no result.json" in capsys.readouterr().out
+    assert "fast_dev_run, so no result.json" in capsys.readouterr().out
 
 
 def test_scoring_without_a_checkpoint_warns(tiny_sinwave, in_tmp):

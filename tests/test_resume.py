@@ -199,3 +199,21 @@ def test_ckpt_path_last_in_a_folder_the_user_fixed_is_the_set_and_forget_resume(
     assert first.trainer.global_step == 4
     again = TitansCLI(["fit", *fixed, "--trainer.max_epochs", "2"])
     assert again.trainer.global_step == 8  # went on from the first attempt's last checkpoint
+
+
+def test_runs_of_a_logger_without_run_folders_keep_their_records_apart(tiny_sinwave, in_tmp):
+    """A W&B- or MLflow-like logger's save_dir is shared by every run: each run's result.json
+    and test.json go next to its own checkpoints (save_dir/name/version), not into save_dir."""
+    logger = ["--trainer.logger", '{"class_path": "tests.shared_dir_logger.SharedDirLogger", '
+                                  '"init_args": {"save_dir": "shared"}}']
+    runs = [TitansCLI(["fit", *tiny_sinwave, *logger, "--trainer.max_epochs", str(epochs)])
+            for epochs in (1, 2)]
+    folders = [Path("shared") / "project" / cli.trainer.logger.version for cli in runs]
+    assert folders[0] != folders[1] and not Path("shared/result.json").exists()
+    for epochs, cli, folder in zip((1, 2), runs, folders):
+        assert Path(cli.trainer.checkpoint_callback.best_model_path).parent.parent == folder
+        result = json.loads((folder / "result.json").read_text())
+        assert result["config"]["trainer"]["max_epochs"] == epochs
+    TitansCLI(["test", *tiny_sinwave, *logger, "--ckpt_path",
+               runs[1].trainer.checkpoint_callback.best_model_path])
+    assert len(list(Path("shared/project").glob("*/test.json"))) == 1

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import (ArgsType, LightningArgumentParser, LightningCLI,
                                    SaveConfigCallback)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -230,8 +231,10 @@ class TitansCLI(LightningCLI):
 
     def after_test(self) -> None:
         """Write the scores to ``test.json`` in the run folder (strict JSON, with a status)."""
-        folder = run_folder(self.trainer)
-        if folder is None or not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero:
+            return
+        folder = record_folder(self.trainer)
+        if folder is None:
             return
         scores = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                   if k.startswith("test/")}
@@ -256,16 +259,16 @@ class TitansCLI(LightningCLI):
                                    ckpt_path="best" if best_path else None)[0]
         if checkpoint is not None:  # loading the best checkpoint rewound the callback to its state
             checkpoint.load_state_dict(fit_state)
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
-        self.test_updates = difference(self.model.memory_update_counts(),  # so is this
+        self.test_updates = difference(self.model.memory_update_counts(),  # a collective
                                        self.model.counts_before_test)
         if not self.trainer.is_global_zero:
             return
-        if log_dir is None:  # no logger (fast_dev_run): nowhere to keep a record
-            print(f"\ntest MSE {scores['test/mse']:.6f} (no logger, so no result.json)")
+        folder = record_folder(self.trainer)
+        if folder is None:  # fast_dev_run: nowhere to keep a record
+            print(f"\ntest MSE {scores['test/mse']:.6f} (fast_dev_run, so no result.json)")
             return
         result = self.fit_result(scores, best_path)
-        path = write_result(log_dir, result)
+        path = write_result(folder, result)
         log_run_hparams(self.trainer, result)
         tested = f"best epoch {result['best_epoch']}" if best_path else "final weights"
         if result["val_mse"] is not None:
@@ -583,6 +586,22 @@ def run_folder(trainer: L.Trainer) -> Path | None:
     logger = trainer.logger
     log_dir = getattr(logger, "log_dir", None) if logger is not None else None
     return Path(log_dir) if log_dir else None
+
+
+def record_folder(trainer: L.Trainer) -> Path | None:
+    """Where a run's records (``result.json``, ``test.json``) go: a TensorBoard or CSV logger's
+    run folder; for another logger (W&B, MLflow), whose ``save_dir`` every run shares, the
+    folder Lightning keeps that run's checkpoints under (``save_dir/name/version``); without a
+    logger, ``default_root_dir``; None for fast_dev_run's stand-in logger."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    if isinstance(logger, DummyLogger):
+        return None
+    if isinstance(logger, FOLDER_LOGGERS):
+        return Path(logger.log_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents")

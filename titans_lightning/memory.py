@@ -470,6 +470,7 @@ def _refusal(name: str, what: str) -> str:
             "returning them from apply_update and its state by assigning memory.state[name] = "
             "tensor")
 
+
 def _portable_spec(spec: Any, strategy: Any) -> Any:
     """What to reload the strategy from in another process: its string, its file, its short
     name for a built-in, or its module name."""
