@@ -231,7 +231,7 @@ def test_a_model_of_sizes_the_kernels_do_not_take_says_which_operations_lose_the
     package = Path(kernels.__file__).parents[1]
     for w in caught:
         assert Path(w.filename).parent in (package, package / "strategies"), w.filename
-        assert Path(w.filename).name not in ("memory_network.py",), w.filename
+        assert Path(w.filename).name != "memory_network.py", w.filename
 
 
 def test_a_refusal_that_other_sizes_would_not_lift_does_not_warn(warned_about_nothing_yet):
