@@ -234,3 +234,43 @@ def test_help_describes_every_option():
     for option in ("--configs", "--data-root", "--out", "--render", "--label"):
         assert option in text.split("options:")[1], option
     assert "default: ./titans-bench" in text and "results.csv" in text
+
+
+def test_a_label_reused_with_other_extra_arguments_fails_and_keeps_what_is_there(tmp_path,
+                                                                                 monkeypatch,
+                                                                                 capsys):
+    monkeypatch.setattr(bench, "editable_source", lambda: None)
+    fake_checkout(tmp_path)  # nothing runs: the refusal comes first
+    monkeypatch.chdir(tmp_path)
+    name = "sinwave__titans_default__shared__reference-order__default-protocol__seed3"
+    record = tmp_path / "screening" / "tiny" / f"{name}.json"
+    record.parent.mkdir(parents=True)
+    (real,) = (REPO / "benchmarks" / "screening" / "ff64-e20").glob(
+        "sinwave__titans_default__shared__causal-order__*seed0.json")
+    earlier = {**json.loads(real.read_text()), "extra_args": [*TINY, "--trainer.max_epochs=2"]}
+    record.write_text(json.dumps(earlier))
+    started = tmp_path / "runs" / "tiny" / name.replace("seed3", "seed4")  # cut off, no record
+    started.mkdir(parents=True)
+    (started / "extra_args.json").write_text(json.dumps([*TINY, "--trainer.max_epochs=2"]))
+    for seed, made in ((3, record), (4, started)):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as failed:
+            bench.main(bench_args(tmp_path, "--trainer.max_epochs=5", seed=seed))
+        assert failed.value.code == 1
+        out = capsys.readouterr().out
+        assert "FAILED (made with other extra arguments)" in out and str(made) in out
+        assert "give these runs another --label" in out and "done already" not in out
+        tables = (".md", ".csv")  # rewritten after every campaign
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*")
+                if p.is_file() and p.suffix not in tables} == \
+            {p: b for p, b in before.items() if p.suffix not in tables}
+
+
+@pytest.mark.parametrize("owned", ["--trainer.logger.init_args.version=mine",
+                                   "--trainer.logger.init_args.save_dir=/tmp/x",
+                                   "--trainer.logger=false", "--ckpt_path=last.ckpt"])
+def test_fit_arguments_the_runner_sets_itself_are_refused(tmp_path, capsys, owned):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", str(tmp_path), "--label", "x", "--render", "--", owned])
+    err = capsys.readouterr().err
+    assert owned in err and "the runner sets the logger's folders" in err

@@ -1,4 +1,4 @@
-"""MACTitan against a plain per-window implementation of REFERENCE.md, and causality."""
+"""MACTitan against a plain per-window implementation of the reference model, and causality."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ def mlp(w, q):
 
 
 def reference_update(memory, w, momentum, z):
-    """REFERENCE.md's default update on rows z (R, d), written out with plain autograd."""
+    """The reference's default update on rows z (R, d), written out with plain autograd."""
     K, V = memory.state["key_proj"], memory.state["value_proj"]
     keys = F.normalize(F.silu(z @ K.T), dim=-1)
     values = F.silu(z @ V.T)
@@ -63,7 +63,7 @@ def reference_layer(layer, windows, w, momentum, order="reference"):
 
 
 def per_window_forward(model, inputs, order, sequences):
-    """REFERENCE.md's forward, one window at a time, with one memory for ``sequences``: the
+    """The reference's forward, one window at a time, with one memory for ``sequences``: the
     predictions (B, T, 1) at those sequences' rows, and the memories' final weights."""
     T = inputs.shape[1]
     mems = [m.weights for m in model.memories]  # the starting weights

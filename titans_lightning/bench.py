@@ -11,7 +11,8 @@ prefixed with the run's name. When it finishes, its record goes to results/RUN.j
 full-protocol run) and holds the run's result.json (whose config is the whole resolved one, the
 package's base config included) plus the exact `titans fit` arguments, every attempt and the
 wall time of all of them. Runs whose record exists are skipped; a run interrupted after a
-checkpoint resumes from its last.ckpt in the same folder. Afterwards (or
+checkpoint resumes from its last.ckpt in the same folder. A run whose record or folder was made
+with other extra arguments fails instead: give those another --label. Afterwards (or
 with --render alone) the records are tabled: RESULTS.md, with mean +- sample std and the count
 of seeds per cell, and results.csv and screening.csv, one row per record.
 
@@ -51,6 +52,7 @@ BENCHMARKS = {  # name -> (config file in the configs folder, published arrays' 
 }
 ARRAYS = ("train.npy", "valid.npy", "test.npy")
 BASELINES = ("titans_default", "adam_gated", "contrastive_ema")
+RUNNER_OWNS = ("--trainer.logger", "--ckpt_path")  # fit arguments the runner sets itself
 _print_lock = threading.Lock()
 
 
@@ -120,11 +122,19 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     """Run (or resume) one run; returns ``done``, ``skipped`` or ``failed``."""
     name = run_name(benchmark, strategy, args.scope, args.order, args.protocol, seed, args.options)
     out = record_path(args, name)
+    run_dir = args.out / "runs" / (args.label or "") / name
+    extra_file = run_dir / "extra_args.json"  # what the name does not say
+    made_with = (json.loads(out.read_text()).get("extra_args", []) if out.exists() else
+                 json.loads(extra_file.read_text()) if extra_file.exists() else args.extra)
+    if made_with != args.extra:
+        say(f"{name}: FAILED (made with other extra arguments): {out if out.exists() else run_dir} "
+            f"was made with {made_with}, not {args.extra}; give these runs another --label")
+        return "failed"
     if out.exists():
         say(f"{name}: done already ({out})")
         return "skipped"
-    run_dir = args.out / "runs" / (args.label or "") / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    extra_file.write_text(json.dumps(args.extra))
     argv = fit_arguments(args, benchmark, strategy, seed, run_dir)
     attempts_file = run_dir / "attempts.json"  # every attempt, also those that were cut off
     attempts = json.loads(attempts_file.read_text()) if attempts_file.exists() else []
@@ -266,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "is one)")
     p.add_argument("--configs", type=Path, default=None, metavar="DIR",
                    help="folder of the benchmark configs (sinwave.yaml, weather.yaml, "
-                        "sinwave_long.yaml); default: the package's own, those of an editable "
-                        "install's source folder, then ./configs")
+                        "sinwave_long.yaml); default: those of an editable install's source "
+                        "folder, then ./configs")
     p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                    help="folder of the published arrays (sinwave/ and weather/, each with "
                         "train.npy, valid.npy and test.npy); default: the first of ./data, "
@@ -294,6 +304,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
                 f"runs: give them a --label (they go to {args.out / 'screening'}/LABEL/ and never "
                 "reach the table)")
+    owned = [a for a in args.extra if a.split("=")[0].startswith(RUNNER_OWNS)]
+    if owned:
+        p.error(f"{' '.join(owned)}: the runner sets the logger's folders and the checkpoint it "
+                "resumes from itself (each run in runs/[LABEL/]RUN/), so these cannot be given")
     if args.label is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.label):
         p.error(f"--label {args.label!r}: use letters, digits, '.', '_' and '-' only")
     if not isinstance(args.options, dict):

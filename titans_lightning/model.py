@@ -8,7 +8,8 @@ Shape legend
 
 A sequence is cut into one window per end position t >= C-1. Windows are processed in groups
 of C consecutive end positions, in time order, so each layer's memory is updated once per
-group, after it has seen the earlier groups only (causal). See REFERENCE.md of the benchmark.
+group, after it has seen the earlier groups only (causal), as in the reference
+implementation whose seed table the benchmarks reproduce.
 """
 from __future__ import annotations
 
