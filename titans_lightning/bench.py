@@ -124,13 +124,16 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     out = record_path(args, name)
     run_dir = args.out / "runs" / (args.label or "") / name
     extra_file = run_dir / "extra_args.json"  # what the name does not say
-    made_with = (json.loads(out.read_text()).get("extra_args", []) if out.exists() else
-                 json.loads(extra_file.read_text()) if extra_file.exists() else args.extra)
+    done = out.exists()
+    if done:
+        made_with = json.loads(out.read_text()).get("extra_args", [])
+    else:  # a folder from before extra_args.json was kept is not checked
+        made_with = json.loads(extra_file.read_text()) if extra_file.exists() else args.extra
     if made_with != args.extra:
-        say(f"{name}: FAILED (made with other extra arguments): {out if out.exists() else run_dir} "
+        say(f"{name}: FAILED (made with other extra arguments): {out if done else run_dir} "
             f"was made with {made_with}, not {args.extra}; give these runs another --label")
         return "failed"
-    if out.exists():
+    if done:
         say(f"{name}: done already ({out})")
         return "skipped"
     run_dir.mkdir(parents=True, exist_ok=True)

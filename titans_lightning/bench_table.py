@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-PUBLISHED = {  # the reference implementation's seed table, test MSE; its benchmarks, in this order, are the table's columns
+# the reference implementation's seed table, test MSE; its benchmarks, in this order, are the
+# table's columns
+PUBLISHED = {
     "adam_gated": {"sinwave": 0.019, "weather": 0.052, "sinwave_long": 0.032},
     "contrastive_ema": {"sinwave": 0.018, "weather": 0.050, "sinwave_long": 0.033},
     "titans_default": {"sinwave": 0.019, "weather": 0.051, "sinwave_long": 0.032},
@@ -205,7 +207,7 @@ def render(out: Path) -> Path:
              "per cell, from the full-protocol records in `results/` (one per run: config, exact "
              "`titans fit` arguments, commit, seed, device, wall time of every attempt). The "
              "same records, one row each, are in `results.csv` (`pandas.read_csv`). Rendered by "
-             "`titans-bench --out benchmarks --render`; runs are made with `titans-bench`.", "",
+             "`titans-bench --out DIR --render`, DIR being this folder; runs are made with `titans-bench`.", "",
              "## Our runs (full protocol)", "", *our_runs_table(full), "",
              "## Published (the reference implementation's seed table)", "",
              *published_table(benchmark_order(full)), "", *screening_section(screening)]
