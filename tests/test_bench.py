@@ -22,8 +22,9 @@ needs_arrays = pytest.mark.skipif(not (SHARED / "sinwave").is_dir(),
                                   reason="published arrays not found")
 
 
-def bench_args(out: Path, *extra: str, seed: int = 3) -> list[str]:
-    return ["--strategies", "titans_default", "--benchmarks", "sinwave", "--seeds", str(seed),
+def bench_args(out: Path, *extra: str, seed: int | tuple[int, ...] = 3) -> list[str]:
+    seeds = [str(s) for s in (seed if isinstance(seed, tuple) else (seed,))]
+    return ["--strategies", "titans_default", "--benchmarks", "sinwave", "--seeds", *seeds,
             "--threads", "1", "--accelerator", "cpu", "--out", str(out), "--label", "tiny",
             "--", *TINY, *extra]
 
@@ -266,11 +267,78 @@ def test_a_label_reused_with_other_extra_arguments_fails_and_keeps_what_is_there
             {p: b for p, b in before.items() if p.suffix not in tables}
 
 
-@pytest.mark.parametrize("owned", ["--trainer.logger.init_args.version=mine",
-                                   "--trainer.logger.init_args.save_dir=/tmp/x",
-                                   "--trainer.logger=false", "--ckpt_path=last.ckpt"])
-def test_fit_arguments_the_runner_sets_itself_are_refused(tmp_path, capsys, owned):
+@pytest.mark.parametrize("owned, instead", [
+    ("--trainer.logger.init_args.version=mine", "the runner"),
+    ("--trainer.logger.init_args.save_dir=/tmp/x", "the runner"),
+    ("--trainer.logger=false", "the runner"), ("--ckpt_path=last.ckpt", "the runner"),
+    ("--seed_everything=1", "--seeds"), ("--model.strategy=adam_gated", "--strategies"),
+    ('--model.strategy_options={"theta": 2}', "--options"),
+    ("--model.memory_scope=per_sequence", "--scope"), ("--model.mac_order", "--order"),
+    ("--model.eval_protocol=reference", "--protocol"),
+    ("--data.init_args.data_dir=/elsewhere", "--data-root"),
+    ("--data.data_dir=/elsewhere", "--data-root"),
+    ("--data.init_args.shuffle_eval=true", "--protocol"),
+    ("--data=datamodules.WeatherDataModule", "--benchmarks"),
+    ("--config=other.yaml", "--benchmarks"), ("--trainer.accelerator=gpu", "--accelerator"),
+    ('--model={"strategy": "adam_gated"}', "--strategies")])
+def test_fit_arguments_the_runner_sets_itself_are_refused(tmp_path, capsys, owned, instead):
+    """Else a record's name and fields could say one setting while the run used another."""
     with pytest.raises(SystemExit):
-        bench.parse_args(["--out", str(tmp_path), "--label", "x", "--render", "--", owned])
+        bench.parse_args(["--out", str(tmp_path), "--label", "x", "--render", "--", owned,
+                          "--model.dim_feedforward=64"])
     err = capsys.readouterr().err
-    assert owned in err and "the runner sets the logger's folders" in err
+    assert "titans-bench sets these `titans fit` arguments itself" in err
+    assert f"{owned} (set by {instead}" in err and "dim_feedforward" not in err
+
+
+def test_other_fit_arguments_pass_as_they_are(tmp_path):
+    extra = ["--model.dim_feedforward=64", "--trainer.max_epochs", "5",
+             "--data.init_args.batch_size=8", "--model.memory_layers=3"]
+    args = bench.parse_args(["--out", str(tmp_path), "--label", "x", "--render", "--", *extra])
+    assert args.extra == extra
+
+
+def test_a_record_cut_short_fails_its_run_alone_and_is_left_as_it_is(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.setattr(bench, "editable_source", lambda: None)
+    fake_checkout(tmp_path)  # nothing runs: both records exist
+    monkeypatch.chdir(tmp_path)
+    (real,) = (REPO / "benchmarks" / "screening" / "ff64-e20").glob(
+        "sinwave__titans_default__shared__causal-order__*seed0.json")
+    name = "sinwave__titans_default__shared__reference-order__default-protocol__seed{}"
+    folder = tmp_path / "screening" / "tiny"
+    folder.mkdir(parents=True)
+    whole = json.dumps({**json.loads(real.read_text()), "extra_args": TINY})
+    (folder / f"{name.format(3)}.json").write_text(whole[:len(whole) // 2])  # a write cut off
+    (folder / f"{name.format(4)}.json").write_text(whole)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as failed:
+        bench.main(bench_args(tmp_path, seed=(3, 4)))
+    assert failed.value.code == 1
+    captured = capsys.readouterr()
+    cut = folder / f"{name.format(3)}.json"
+    assert f"{name.format(3)}: FAILED ({cut} is not valid JSON" in captured.out
+    assert f"{name.format(4)}: done already" in captured.out and "1 failed" in captured.out
+    assert f"RESULTS.md not written: {cut} is not valid JSON" in captured.err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_error_in_one_run_fails_it_and_the_campaign_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "editable_source", lambda: None)
+    fake_checkout(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ran = []
+
+    def run_one(args, benchmark, strategy, seed):
+        ran.append(seed)
+        if seed == 3:
+            raise OSError(28, "No space left on device")
+        return "skipped"
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    with pytest.raises(SystemExit) as failed:
+        bench.main(bench_args(tmp_path, seed=(3, 4)))
+    assert failed.value.code == 1 and sorted(ran) == [3, 4]
+    out = capsys.readouterr().out
+    assert "seed3: FAILED (OSError: [Errno 28] No space left on device)" in out
+    assert "2 runs: 0 finished, 1 done before, 1 failed" in out

@@ -115,6 +115,14 @@ def test_a_record_that_cannot_count_is_refused_by_name(tmp_path, misfiled, why):
     assert not (tmp_path / "RESULTS.md").exists()
 
 
+def test_a_record_cut_short_is_named_and_nothing_is_written(tmp_path):
+    write(tmp_path / "results", "good", record())
+    (tmp_path / "results" / "cut.json").write_text(json.dumps(record(seed=1))[:40])
+    with pytest.raises(ValueError, match=r"cut\.json is not valid JSON .*move it away"):
+        bench_table.render(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
 def test_the_published_table_research_notes_and_an_empty_folder(tmp_path):
     (tmp_path / "research.md").write_text("## What was tried\n\nnotes\n")
     text = bench_table.render(tmp_path).read_text()

@@ -19,7 +19,11 @@ of seeds per cell, and results.csv and screening.csv, one row per record.
 Only full-protocol runs reach the main table: the benchmark's config with nothing changed but
 the strategy, its options, the memory scope, the MAC order, the evaluation protocol and the
 seed. Extra `titans fit` arguments (after --) make a screening run: they need a --label, and
-such runs live in runs/LABEL/ and screening/LABEL/, tabled apart, per label.
+such runs live in runs/LABEL/ and screening/LABEL/, tabled apart, per label. They cannot set
+what the runner sets (RUNNER_OWNS): the error names the option that does.
+
+Every file the runner writes is written whole or not at all. One that is not valid JSON (cut
+short by an older writer, or edited) fails its run alone, with its path.
 
 The configs and the arrays are found without assuming where this package sits (see --configs
 and --data-root). --jobs runs that many at once (on a CPU, jobs x threads should not exceed the
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_table import render
+from .files import UnreadableFile, read_json, write_text_atomic
 
 BENCHMARKS = {  # name -> (config file in the configs folder, published arrays' folder)
     "sinwave": ("sinwave.yaml", "sinwave"),
@@ -52,8 +57,34 @@ BENCHMARKS = {  # name -> (config file in the configs folder, published arrays' 
 }
 ARRAYS = ("train.npy", "valid.npy", "test.npy")
 BASELINES = ("titans_default", "adam_gated", "contrastive_ema")
-RUNNER_OWNS = ("--trainer.logger", "--ckpt_path")  # fit arguments the runner sets itself
+RUNNER_OWNS = {  # `titans fit` arguments the runner sets itself -> what chooses them instead
+    "--config": "--benchmarks (and --configs for the folder)",
+    "--model": "--strategies, --options, --scope, --order and --protocol (give any other model "
+               "argument on its own, --model.NAME=VALUE)",
+    "--model.strategy": "--strategies", "--model.strategy_options": "--options",
+    "--model.memory_scope": "--scope", "--model.mac_order": "--order",
+    "--model.eval_protocol": "--protocol", "--seed_everything": "--seeds",
+    "--data": "--benchmarks", "--data.class_path": "--benchmarks",
+    "--data.data_dir": "--data-root", "--data.shuffle_eval": "--protocol",
+    "--trainer.accelerator": "--accelerator",
+    "--trainer.logger": "the runner (each run logs to runs/[LABEL/]RUN/)",
+    "--trainer.enable_progress_bar": "the runner (it prints a line per epoch instead)",
+    "--ckpt_path": "the runner (a run resumes from the last.ckpt in its folder)",
+}
 _print_lock = threading.Lock()
+
+
+def runner_owned(argument: str) -> str | None:
+    """What chooses the setting ``argument`` (``--KEY=VALUE`` or a bare ``--KEY``) sets, where
+    the runner sets it itself; None for any other argument. ``init_args`` levels are ignored, so
+    ``--data.init_args.data_dir`` and ``--data.data_dir`` are one setting."""
+    if not argument.startswith("--"):
+        return None  # the value of the argument before it
+    key = argument.split("=", 1)[0].replace(".init_args", "")
+    for owned, instead in RUNNER_OWNS.items():  # a whole group (--model, --data) as itself
+        if key == owned or (key.startswith(owned + ".") and owned not in ("--model", "--data")):
+            return instead
+    return None
 
 
 def say(message: str) -> None:
@@ -126,9 +157,9 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
     extra_file = run_dir / "extra_args.json"  # what the name does not say
     done = out.exists()
     if done:
-        made_with = json.loads(out.read_text()).get("extra_args", [])
+        made_with = read_json(out).get("extra_args", [])
     else:  # a folder from before extra_args.json was kept is not checked
-        made_with = json.loads(extra_file.read_text()) if extra_file.exists() else args.extra
+        made_with = read_json(extra_file) if extra_file.exists() else args.extra
     if made_with != args.extra:
         say(f"{name}: FAILED (made with other extra arguments): {out if done else run_dir} "
             f"was made with {made_with}, not {args.extra}; give these runs another --label")
@@ -137,10 +168,10 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
         say(f"{name}: done already ({out})")
         return "skipped"
     run_dir.mkdir(parents=True, exist_ok=True)
-    extra_file.write_text(json.dumps(args.extra))
+    write_text_atomic(extra_file, json.dumps(args.extra))
     argv = fit_arguments(args, benchmark, strategy, seed, run_dir)
     attempts_file = run_dir / "attempts.json"  # every attempt, also those that were cut off
-    attempts = json.loads(attempts_file.read_text()) if attempts_file.exists() else []
+    attempts = read_json(attempts_file) if attempts_file.exists() else []
     last = latest_checkpoint(run_dir)
     attempt = {"resumed_from": str(last) if last else None, "exit": None, "wall_s": 0.0}
     attempts.append(attempt)
@@ -153,22 +184,26 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
 
     def save_attempts() -> None:
         attempt["wall_s"] = round(time.time() - start, 1)
-        attempts_file.write_text(json.dumps(attempts, indent=1))
+        write_text_atomic(attempts_file, json.dumps(attempts, indent=1))
 
     save_attempts()
     with open(run_dir / "log.txt", "a") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    env=env, cwd=run_dir, text=True, bufsize=1)
-        for line in process.stdout:
-            log.write(line)
-            if line.startswith(("epoch ", "test MSE")):
-                log.flush()
-                save_attempts()  # so that a runner killed mid-run still counts this attempt
-                say(f"{name}: {line.rstrip()}")
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if line.startswith(("epoch ", "test MSE")):
+                    log.flush()
+                    save_attempts()  # so that a runner killed mid-run still counts this attempt
+                    say(f"{name}: {line.rstrip()}")
+        except BaseException:  # an error here (a full disk) fails the run: none runs unwatched
+            process.kill()
+            raise
         attempt["exit"] = process.wait()
     save_attempts()
     results = sorted(run_dir.glob("*/version_*/result.json"), key=os.path.getmtime)
-    result = json.loads(results[-1].read_text()) if results else None
+    result = read_json(results[-1]) if results else None
     if attempt["exit"] != 0 or result is None or result.get("status") != "ok":
         why = f"exit {attempt['exit']}" if attempt["exit"] != 0 else \
             f"status {result.get('status') if result else 'missing'}"
@@ -181,11 +216,23 @@ def run_one(args, benchmark: str, strategy: str, seed: int) -> str:
               "threads": args.threads, "attempts": attempts,
               "fit_wall_s": result["wall_s"],
               "wall_s": round(sum(a["wall_s"] for a in attempts), 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, sort_keys=True, allow_nan=False))
+    write_text_atomic(out, json.dumps(record, indent=1, sort_keys=True, allow_nan=False))
     say(f"{name}: test MSE {record['test_mse']:.5f} (best epoch {record['best_epoch']}, "
         f"{record['wall_s'] / 60:.0f} min) -> {out}")
     return "done"
+
+
+def run_or_fail(args, benchmark: str, strategy: str, seed: int) -> str:
+    """``run_one``, where an error fails this run alone, with its cause, and the others go on."""
+    try:
+        return run_one(args, benchmark, strategy, seed)
+    except Exception as error:  # noqa: BLE001 - said, counted, and the exit code is 1
+        name = run_name(benchmark, strategy, args.scope, args.order, args.protocol, seed,
+                        args.options)
+        why = str(error) if isinstance(error, UnreadableFile) else \
+            f"{type(error).__name__}: {error}"
+        say(f"{name}: FAILED ({why})")
+        return "failed"
 
 
 def editable_source() -> Path | None:
@@ -307,10 +354,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
                 f"runs: give them a --label (they go to {args.out / 'screening'}/LABEL/ and never "
                 "reach the table)")
-    owned = [a for a in args.extra if a.split("=")[0].startswith(RUNNER_OWNS)]
+    owned = [f"{a} (set by {runner_owned(a)})" for a in args.extra if runner_owned(a)]
     if owned:
-        p.error(f"{' '.join(owned)}: the runner sets the logger's folders and the checkpoint it "
-                "resumes from itself (each run in runs/[LABEL/]RUN/), so these cannot be given")
+        p.error(f"titans-bench sets these `titans fit` arguments itself, so a run's name and "
+                f"record always say what it ran: {'; '.join(owned)}")
     if args.label is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.label):
         p.error(f"--label {args.label!r}: use letters, digits, '.', '_' and '-' only")
     if not isinstance(args.options, dict):
@@ -336,21 +383,30 @@ def written(table: Path) -> str:
     return f"{table} (and results.csv, screening.csv beside it)"
 
 
+def render_or_exit(out: Path) -> None:
+    """Table the records in ``out``; a record that cannot be tabled exits 1, saying which."""
+    try:
+        say(f"wrote {written(render(out))}")
+    except ValueError as refused:
+        print(f"titans-bench: error: RESULTS.md not written: {refused}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.render:
         runs = [(b, s, seed) for seed in args.seeds for b in args.benchmarks
                 for s in args.strategies]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outcomes = list(pool.map(lambda r: run_one(args, *r), runs))
+            outcomes = list(pool.map(lambda r: run_or_fail(args, *r), runs))
         counts = {k: outcomes.count(k) for k in ("done", "skipped", "failed")}
         say(f"{len(runs)} runs: {counts['done']} finished, {counts['skipped']} done before, "
             f"{counts['failed']} failed")
-        say(f"wrote {written(render(args.out))}")
+        render_or_exit(args.out)
         if counts["failed"]:
             sys.exit(1)
         return
-    say(f"wrote {written(render(args.out))}")
+    render_or_exit(args.out)
 
 
 if __name__ == "__main__":

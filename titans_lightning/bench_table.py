@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .files import read_json, write_text_atomic
+
 # the reference implementation's seed table, test MSE; its benchmarks, in this order, are the
 # table's columns
 PUBLISHED = {
@@ -37,7 +39,7 @@ GROUP = ["strategy_label", "scope", "order", "protocol"]  # what tells one table
 
 def record_row(path: Path) -> dict:
     """One record file as a row of ``COLUMNS`` (records older than a field get its default)."""
-    r = json.loads(path.read_text())
+    r = read_json(path)
     options = r.get("strategy_options") or {}
     return {
         "record": path.stem, "benchmark": r["benchmark"], "strategy": r["strategy"],
@@ -200,8 +202,8 @@ def render(out: Path) -> Path:
     full = read_folder(out / "results")
     check_full_protocol(full, out / "results")
     screening = read_screening(out / "screening")
-    full.to_csv(out / "results.csv", index=False)
-    screening.to_csv(out / "screening.csv", index=False)
+    write_text_atomic(out / "results.csv", full.to_csv(index=False))
+    write_text_atomic(out / "screening.csv", screening.to_csv(index=False))
     lines = ["# Benchmark results", "",
              "Test MSE at the best validation epoch: mean ± sample std and the number of seeds "
              "per cell, from the full-protocol records in `results/` (one per run: config, exact "
@@ -215,5 +217,5 @@ def render(out: Path) -> Path:
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
     path = out / "RESULTS.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

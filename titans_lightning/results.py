@@ -50,6 +50,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from .files import atomic_file, write_text_atomic
+
 RESULT_FILE = "result.json"
 TEST_FILE = "test.json"  # written by ``titans test``: its scores, checkpoint, config, commit
 PREDICTIONS_FILE = "predictions.csv"
@@ -114,8 +116,7 @@ def write_result(log_dir: str | Path, result: dict[str, Any], name: str = RESULT
     record = {k: None if k in bad else strict_json(v) for k, v in result.items()}
     record = {"status": "nonfinite" if bad else "ok", **record}
     path = Path(log_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2, default=str, allow_nan=False) + "\n")
     return path
 
 
@@ -140,17 +141,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any = None) -> None:
         if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        try:
-            with open(partial, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_file(path, "wb") as file:
+            torch.save(checkpoint, file)
 
 
 def prediction_rows(output: dict[str, Tensor]) -> pd.DataFrame:
