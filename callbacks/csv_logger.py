@@ -3,7 +3,8 @@
 Lightning's CSVLogger expects a folder of its own: it warns when the folder is not empty and
 deletes a ``metrics.csv`` it finds there. A run folder is shared (TensorBoard events, the
 configuration, checkpoints) and is written again by a resumed fit and by ``titans test``, so this
-logger appends to the rows already there instead. Load them with ``pandas.read_csv``: one row per
+logger appends to the rows already there instead, and leaves an ``hparams.yaml`` it did not
+write (the run's) as it is. Load them with ``pandas.read_csv``: one row per
 logging call, ``step`` and ``epoch`` as in TensorBoard, empty cells for what a row did not log.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from torch import Tensor
 
+HPARAMS_FILE = "hparams.yaml"
+
 
 class MetricsFile:
     """``metrics.csv`` of one folder: rows are kept until :meth:`save`, then appended; a column
@@ -29,6 +32,7 @@ class MetricsFile:
         self.path = os.path.join(log_dir, self.NAME)
         self.metrics: list[dict[str, Any]] = []  # the rows not saved yet
         self.hparams: dict[str, Any] = {}
+        self.owns_hparams: bool | None = None  # known at the first log_hparams
         os.makedirs(log_dir, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float | Tensor], step: int | None = None) -> None:
@@ -37,8 +41,16 @@ class MetricsFile:
         self.metrics.append(row)
 
     def log_hparams(self, params: dict[str, Any]) -> None:
+        """Write ``hparams.yaml``, where the folder has none yet or this logger made it: a
+        ``titans test`` of a run's checkpoint (say with another ``eval_protocol``) leaves the
+        run's own file as it is, as TensorBoard's logger does."""
+        path = os.path.join(self.log_dir, HPARAMS_FILE)
+        if self.owns_hparams is None:
+            self.owns_hparams = not os.path.isfile(path)
+        if not self.owns_hparams:
+            return
         self.hparams.update(params)
-        save_hparams_to_yaml(os.path.join(self.log_dir, "hparams.yaml"), self.hparams)
+        save_hparams_to_yaml(path, self.hparams)
 
     def save(self) -> None:
         if not self.metrics:

@@ -51,3 +51,15 @@ def test_the_hparams_tab_holds_the_settings_and_the_scores(tiny_sinwave, in_tmp)
     assert saved["seed"] == cli.datamodule.hparams.seed  # the data's seed, not seed_everything
     table = pd.read_csv(run / "metrics.csv")  # the CSV logger gets the scores too
     assert table["hp/test_mse"].dropna().iloc[-1] == float(result["test_mse"])
+
+
+def test_scoring_a_checkpoint_another_way_leaves_the_runs_hyperparameters(tiny_sinwave, in_tmp):
+    cli = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
+    run = Path(cli.trainer.log_dir)
+    trained = (run / "hparams.yaml").read_text()
+    assert yaml.safe_load(trained)["eval_protocol"] == "default"
+    TitansCLI(["test", *tiny_sinwave, "--model.eval_protocol", "reference",
+               "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert json.loads((run / "test.json").read_text())["config"]["model"]["eval_protocol"] == \
+        "reference"  # the test wrote into the run's folder
+    assert (run / "hparams.yaml").read_text() == trained

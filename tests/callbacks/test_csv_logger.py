@@ -50,3 +50,16 @@ def test_hyperparameters_are_written_beside_the_metrics(tmp_path):
     logger.log_hyperparams({"strategy": "titans_default", "lr": 0.001})
     assert "strategy: titans_default" in (tmp_path / "tiny" / "version_0" /
                                           "hparams.yaml").read_text()
+
+
+def test_a_later_run_into_the_folder_keeps_its_hyperparameters(tmp_path):
+    """`titans test` of a run's checkpoint with eval_protocol reference must not make the run's
+    hparams.yaml say that it was trained with it."""
+    run = RunCSVLogger(str(tmp_path), name="tiny", version=0)
+    run.log_hyperparams({"eval_protocol": "default"})
+    run.log_hyperparams({"lr": 0.001})  # the same logger adds to its own file
+    saved = (tmp_path / "tiny" / "version_0" / "hparams.yaml").read_text()
+    assert "eval_protocol: default" in saved and "lr: 0.001" in saved
+    test = RunCSVLogger(str(tmp_path), name="tiny", version=0)
+    test.log_hyperparams({"eval_protocol": "reference"})
+    assert (tmp_path / "tiny" / "version_0" / "hparams.yaml").read_text() == saved
