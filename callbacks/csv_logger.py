@@ -32,7 +32,8 @@ class MetricsFile:
         self.path = os.path.join(log_dir, self.NAME)
         self.metrics: list[dict[str, Any]] = []  # the rows not saved yet
         self.hparams: dict[str, Any] = {}
-        self.owns_hparams: bool | None = None  # known at the first log_hparams
+        self.hparams_path = os.path.join(log_dir, HPARAMS_FILE)
+        self.owns_hparams = not os.path.isfile(self.hparams_path)  # else the run's, kept
         os.makedirs(log_dir, exist_ok=True)
 
     def log_metrics(self, metrics: dict[str, float | Tensor], step: int | None = None) -> None:
@@ -44,13 +45,10 @@ class MetricsFile:
         """Write ``hparams.yaml``, where the folder has none yet or this logger made it: a
         ``titans test`` of a run's checkpoint (say with another ``eval_protocol``) leaves the
         run's own file as it is, as TensorBoard's logger does."""
-        path = os.path.join(self.log_dir, HPARAMS_FILE)
-        if self.owns_hparams is None:
-            self.owns_hparams = not os.path.isfile(path)
         if not self.owns_hparams:
             return
         self.hparams.update(params)
-        save_hparams_to_yaml(path, self.hparams)
+        save_hparams_to_yaml(self.hparams_path, self.hparams)
 
     def save(self) -> None:
         if not self.metrics:

@@ -354,7 +354,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
                 f"runs: give them a --label (they go to {args.out / 'screening'}/LABEL/ and never "
                 "reach the table)")
-    owned = [f"{a} (set by {runner_owned(a)})" for a in args.extra if runner_owned(a)]
+    owned = [f"{a} (set by {by})" for a in args.extra if (by := runner_owned(a))]
     if owned:
         p.error(f"titans-bench sets these `titans fit` arguments itself, so a run's name and "
                 f"record always say what it ran: {'; '.join(owned)}")

@@ -209,7 +209,8 @@ def render(out: Path) -> Path:
              "per cell, from the full-protocol records in `results/` (one per run: config, exact "
              "`titans fit` arguments, commit, seed, device, wall time of every attempt). The "
              "same records, one row each, are in `results.csv` (`pandas.read_csv`). Rendered by "
-             "`titans-bench --out DIR --render`, DIR being this folder; runs are made with `titans-bench`.", "",
+             "`titans-bench --out DIR --render`, DIR being this folder; runs are made with "
+             "`titans-bench`.", "",
              "## Our runs (full protocol)", "", *our_runs_table(full), "",
              "## Published (the reference implementation's seed table)", "",
              *published_table(benchmark_order(full)), "", *screening_section(screening)]

@@ -1,8 +1,8 @@
 """Files written whole or not at all."""
 from __future__ import annotations
 
-import os
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
