@@ -105,6 +105,14 @@ def test_extra_fit_arguments_need_a_label(tmp_path, capsys):
     assert "give them a --label" in capsys.readouterr().err
 
 
+def test_a_runner_owned_argument_is_refused_as_such_even_without_a_label(tmp_path, capsys):
+    """The label error would send the user to add one, only to be refused again."""
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--", "--ckpt_path=last.ckpt"])
+    err = capsys.readouterr().err
+    assert "--ckpt_path=last.ckpt (set by the runner" in err and "give them a --label" not in err
+
+
 @needs_arrays
 def test_a_failed_run_makes_the_runner_exit_non_zero(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:

@@ -350,14 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.extra and not args.label:
-        p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
-                f"runs: give them a --label (they go to {args.out / 'screening'}/LABEL/ and never "
-                "reach the table)")
+    # what the runner sets is refused first: a --label would not make it allowed
     owned = [f"{a} (set by {by})" for a in args.extra if (by := runner_owned(a))]
     if owned:
         p.error(f"titans-bench sets these `titans fit` arguments itself, so a run's name and "
                 f"record always say what it ran: {'; '.join(owned)}")
+    if args.extra and not args.label:
+        p.error("extra `titans fit` arguments change the protocol, so such runs are screening "
+                f"runs: give them a --label (they go to {args.out / 'screening'}/LABEL/ and never "
+                "reach the table)")
     if args.label is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", args.label):
         p.error(f"--label {args.label!r}: use letters, digits, '.', '_' and '-' only")
     if not isinstance(args.options, dict):
