@@ -2,7 +2,8 @@
 
     python benchmarks/throughput.py [--batches 7] [--warmup 2] [--threads 2] [--device cpu]
                                     [--library-encoder | --no-kernels] [--compile encoder]
-                                    [--out results.jsonl]
+                                    [--strategy multi_step] [--scope per_sequence]
+                                    [--order causal] [--windows 16] [--out results.jsonl]
 
 Times training batches (dropout on, forward + backward + Adam step, the loss that of
 ``TitansForecaster``: ``titans_lightning.module.forecast_loss``) and evaluation batches
@@ -13,6 +14,9 @@ batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
 straightforward implementation) for comparison; ``--no-kernels`` keeps the package's layer but
 switches the CPU kernels off (``TITANS_LIGHTNING_KERNELS=0``): every operation on PyTorch.
+``--strategy``, ``--scope`` and ``--order`` time another memory rule, memory scope and MAC order
+(default: the benchmark's ``titans_default``, shared, reference order), ``--windows`` only some
+context windows (16 is sinwave's and weather's, 32 sinwave-long's).
 ``--compile encoder`` runs the encoder layers through ``torch.compile``, as
 ``--model.compile encoder`` does (``titans_lightning.module.compile_encoders``); each mode and
 context window then compiles in its first batch, a warm-up batch unless ``--warmup 0`` (the
@@ -71,7 +75,7 @@ def time_batches(model: MACTitan, batch: torch.Tensor, train: bool, n: int,
     return times[warmup:]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -83,8 +87,18 @@ def main() -> None:
                         help="switch the CPU kernels off: every operation on the PyTorch path")
     parser.add_argument("--compile", choices=COMPILE_TARGETS, default="none",
                         help="run these through torch.compile (as --model.compile)")
+    parser.add_argument("--strategy", default="titans_default",
+                        help="memory rule: a built-in name or a dotted module")
+    parser.add_argument("--scope", choices=("shared", "per_sequence"), default="shared")
+    parser.add_argument("--order", choices=("reference", "causal"), default="reference")
+    parser.add_argument("--windows", type=int, nargs="+", choices=(16, 32), default=[16, 32],
+                        help="context windows to time")
     parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     started = start()
     if args.no_kernels:
         os.environ[build.SWITCH] = "0"
@@ -98,8 +112,8 @@ def main() -> None:
     torch.manual_seed(0)
     batch = torch.sin(torch.linspace(0, 60, 500)).repeat(4, 1)[..., None].to(device)  # (4, 500, 1)
     result, every_batch = {}, {}
-    for C in (16, 32):
-        model = MACTitan(context_window=C).to(device)
+    for C in args.windows:
+        model = build_model(args, C).to(device)
         compile_encoders(model, args.compile)
         for mode, train in (("train", True), ("eval", False)):
             times = time_batches(model, batch, train, args.batches, args.warmup)
@@ -110,8 +124,15 @@ def main() -> None:
     if args.out:
         append_record(args, result, every_batch, device, started,
                       variant="library-encoder" if args.library_encoder
-                      else "no-kernels" if args.no_kernels else "kernels", compile=args.compile)
+                      else "no-kernels" if args.no_kernels else "kernels", compile=args.compile,
+                      strategy=args.strategy, memory_scope=args.scope, mac_order=args.order)
     print(json.dumps(result))
+
+
+def build_model(args: argparse.Namespace, context_window: int) -> MACTitan:
+    """The benchmark model (its defaults) with the timed rule, memory scope and MAC order."""
+    return MACTitan(context_window=context_window, strategy=args.strategy,
+                    memory_scope=args.scope, mac_order=args.order)
 
 
 class Start(typing.NamedTuple):

@@ -36,6 +36,19 @@ def test_a_timed_training_batch_is_scored_by_the_modules_loss(monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_the_timed_model_is_the_rule_scope_and_order_asked_for():
+    script = load_script()
+    args = script.parse_args(["--strategy", "multi_step", "--scope", "per_sequence",
+                              "--order", "causal", "--windows", "16"])
+    model = script.build_model(args, 16)
+    assert args.windows == [16] and model.C == 16 and model.memory_scope == "per_sequence"
+    assert all(m.strategy.__name__.endswith("multi_step") for m in model.memories)
+    assert all(type(layer).__name__ == "CausalMACLayer" for layer in model.layers)
+    default = script.build_model(script.parse_args([]), 32)
+    assert default.memory_scope == "shared" and type(default.layers[0]).__name__ == "MACLayer"
+    assert all(m.strategy.__name__.endswith("titans_default") for m in default.memories)
+
+
 def test_own_path_times_the_three_update_paths_it_names(monkeypatch):
     """benchmarks/own_path.py's premise: its three rules take the built-in rule's own path, the
     general path with the one-call surprise, and the general path with autograd's."""
