@@ -7,16 +7,19 @@
 
 Times training batches (dropout on, forward + backward + Adam step, the loss that of
 ``TitansForecaster``: ``titans_lightning.module.forecast_loss``) and evaluation batches
-(eval mode, no outer gradient; the memory still learns) for context windows 16 and 32, and
-prints the median of each; the last line is one JSON object with the four figures. ``--out``
+(eval mode, no outer gradient; the memory still learns) for context windows 16 and 32 (or
+those ``--windows`` names), and prints the median of each; the last line is one JSON object with
+two figures per window. ``--out``
 appends the run to a JSON-lines file with what it ran on: commit, device, threads, seed, every
 batch's time and the wall time.
 ``--library-encoder`` builds the same model with ``nn.TransformerEncoderLayer`` (the
 straightforward implementation) for comparison; ``--no-kernels`` keeps the package's layer but
 switches the CPU kernels off (``TITANS_LIGHTNING_KERNELS=0``): every operation on PyTorch.
-``--strategy``, ``--scope`` and ``--order`` time another memory rule, memory scope and MAC order
-(default: the benchmark's ``titans_default``, shared, reference order), ``--windows`` only some
-context windows (16 is sinwave's and weather's, 32 sinwave-long's).
+``--strategy``, ``--scope`` and ``--order`` time another memory rule (built-in name, dotted
+module or ``.py`` file), memory scope and MAC order (default: the benchmark's
+``titans_default``, shared, reference order), ``--windows`` only some context windows (16 is
+sinwave's and weather's, 32 sinwave-long's). Records made before these options existed lack
+``strategy``, ``memory_scope`` and ``mac_order``: they timed the defaults.
 ``--compile encoder`` runs the encoder layers through ``torch.compile``, as
 ``--model.compile encoder`` does (``titans_lightning.module.compile_encoders``); each mode and
 context window then compiles in its first batch, a warm-up batch unless ``--warmup 0`` (the
@@ -88,17 +91,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", choices=COMPILE_TARGETS, default="none",
                         help="run these through torch.compile (as --model.compile)")
     parser.add_argument("--strategy", default="titans_default",
-                        help="memory rule: a built-in name or a dotted module")
-    parser.add_argument("--scope", choices=("shared", "per_sequence"), default="shared")
-    parser.add_argument("--order", choices=("reference", "causal"), default="reference")
+                        help="memory rule: a built-in name, dotted module or .py file "
+                             "(default: %(default)s)")
+    parser.add_argument("--scope", choices=("shared", "per_sequence"), default="shared",
+                        help="memory scope (default: %(default)s)")
+    parser.add_argument("--order", choices=("reference", "causal"), default="reference",
+                        help="MAC order (default: %(default)s)")
     parser.add_argument("--windows", type=int, nargs="+", choices=(16, 32), default=[16, 32],
-                        help="context windows to time")
+                        help="context windows to time, each once (default: 16 32)")
     parser.add_argument("--out", help="append the run, with its setting, to this JSON-lines file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(args.windows)) != len(args.windows):
+        parser.error(f"--windows names a context window twice ({' '.join(map(str, args.windows))}):"
+                     " name each once, e.g. --windows 16 32")
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     started = start()
     if args.no_kernels:
         os.environ[build.SWITCH] = "0"

@@ -1,7 +1,9 @@
 """benchmarks/throughput.py trains on the loss the module trains on (one scoring function)."""
 import importlib.util
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from titans_lightning import MACTitan
@@ -77,3 +79,23 @@ def test_own_path_times_the_three_update_paths_it_names(monkeypatch):
     assert paths == {"own": ["one call", "step"], "shortcut": ["one call"], "general": []}
     assert torch.equal(surprises["own"], surprises["shortcut"])
     torch.testing.assert_close(surprises["general"], surprises["own"])
+
+
+def test_a_run_records_only_the_windows_and_setting_asked_for(monkeypatch, tmp_path):
+    script = load_script()
+    monkeypatch.setattr(script, "time_batches", lambda *args: [0.0])
+    out = tmp_path / "times.jsonl"
+    script.main(["--windows", "16", "--strategy", "multi_step", "--scope", "per_sequence",
+                 "--order", "causal", "--out", str(out), "--threads", str(torch.get_num_threads())])
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(record["result"]) == ["eval_s_per_batch_c16", "train_s_per_batch_c16"]
+    assert sorted(record["batch_seconds"]) == ["eval_c16", "train_c16"]
+    assert (record["strategy"], record["memory_scope"], record["mac_order"]) == (
+        "multi_step", "per_sequence", "causal")
+
+
+def test_a_window_named_twice_is_refused(capsys):
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.parse_args(["--windows", "16", "16"])
+    assert "names a context window twice" in capsys.readouterr().err
