@@ -25,7 +25,7 @@ SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 BENCHMARKS = {"sinwave.yaml": (16, 20), "weather.yaml": (16, 20), "sinwave_long.yaml": (32, 30)}
 RESULT_KEYS = {"status", "config", "commit", "seed", "wall_s", "best_epoch", "val_mse", "test_mse",
                "test_mae", "strategy", "strategy_source", "memory_scope", "memory_updates",
-               "device"}
+               "curve", "device"}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -171,6 +171,13 @@ def test_the_best_validation_epoch_is_the_one_tested_and_recorded(tiny_sinwave, 
     assert len(logged) == 5
     assert result["best_epoch"] == int(np.argmin(logged)) != 4  # not simply the last epoch
     assert result["val_mse"] == pytest.approx(min(logged), rel=1e-6)
+    # the record's learning curve is the logged one, epoch by epoch
+    curve = result["curve"]
+    assert [entry["epoch"] for entry in curve] == [0, 1, 2, 3, 4]
+    assert [entry["val_mse"] for entry in curve] == pytest.approx(logged, rel=1e-6)
+    train_losses = [e.value for e in events.Scalars("train/loss")]
+    assert [entry["train_loss"] for entry in curve] == pytest.approx(train_losses, rel=1e-5)
+    assert curve[result["best_epoch"]]["val_mse"] == pytest.approx(result["val_mse"], rel=1e-6)
     best = cli.trainer.checkpoint_callback.best_model_path
     assert torch.load(best, weights_only=True)["epoch"] == result["best_epoch"]
     rescored = TitansCLI(["test", *tiny_sinwave, "--ckpt_path", best])

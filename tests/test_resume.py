@@ -86,6 +86,12 @@ def test_a_killed_fit_resumes_in_its_folder_and_reports_what_an_uninterrupted_on
     assert resumed["val_mse"] == pytest.approx(straight["val_mse"], rel=1e-6)
     assert resumed["test_mse"] == pytest.approx(straight["test_mse"], rel=1e-6)
     assert resumed["status"] == "ok"
+    # the curve has every epoch, the killed attempt's ones from its last checkpoint
+    assert [e["epoch"] for e in resumed["curve"]] == [e["epoch"] for e in straight["curve"]] \
+        == [0, 1, 2, 3, 4]
+    for key in ("train_loss", "val_mse"):
+        assert [e[key] for e in resumed["curve"]] == \
+            pytest.approx([e[key] for e in straight["curve"]], rel=1e-6), key
     # the record's wall time counts the killed attempt's epochs too (up to its last checkpoint)
     assert resumed["wall_s"] > torch.load(folder / "checkpoints" / "last.ckpt",
                                           weights_only=True)["fit_wall_s"] > 0

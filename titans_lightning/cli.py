@@ -313,6 +313,7 @@ class TitansCLI(LightningCLI):
             # slot updates, all memory layers: the fit's (training and validation), and the
             # test's, made on the tested checkpoint's memory
             "memory_updates": {"fit": self.fit_updates, "test": self.test_updates},
+            "curve": self.model.curve,
             "device": device_name(self.trainer),
         }
 

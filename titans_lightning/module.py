@@ -141,6 +141,10 @@ class TitansForecaster(L.LightningModule):
         self._memory_before_sanity_check: dict[str, Tensor] | None = None
         # wall time of the fit attempts before this one, up to the checkpoint it resumed from
         self.earlier_fit_wall_s = 0.0
+        # One entry per validation of the fit, also across resumes (it is in every checkpoint):
+        # {"epoch", "train_loss", "val_mse"}; see record_curve
+        self.curve: list[dict[str, float]] = []
+        self._train_loss_sum: tuple[Tensor, int] | None = None  # this epoch's (sum, batch sizes)
         self._first_nonfinite_step: Tensor | None = None  # see note_nonfinite
         self._attempt_started = time.perf_counter()
         # (global step, epoch) of the checkpoint being scored, outside a fit; see epoch_step
@@ -165,6 +169,7 @@ class TitansForecaster(L.LightningModule):
         preds, _ = self.run_model(batch)
         loss = forecast_loss(preds, batch["targets"], self.hparams.context_window - 1)
         self.note_nonfinite(loss)
+        self.add_to_epoch_loss(loss, preds.shape[0])
         # one tag, train/loss: the epoch's mean of the global batches' losses (on_step as well
         # would split it into train/loss_step and train/loss_epoch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
@@ -273,6 +278,7 @@ class TitansForecaster(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.forget_epoch_step()
+        self._train_loss_sum = None
         if self.trainer.world_size > 1:
             check_ranks_agree(self.trainer.num_training_batches,
                               first_sequence_length(self.trainer.train_dataloader),
@@ -339,6 +345,32 @@ class TitansForecaster(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_step()
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self.record_curve()
+
+    # -- the learning curve of the fit ----------------------------------------------------------
+    def add_to_epoch_loss(self, loss: Tensor, batch_size: int) -> None:
+        """Add a training batch's loss to this epoch's sum, on the device (no host sync)."""
+        weighted = loss.detach().float() * batch_size
+        total, count = self._train_loss_sum or (None, 0)
+        total = weighted if total is None or total.device != weighted.device else total + weighted
+        self._train_loss_sum = (total, count + batch_size)
+
+    def record_curve(self) -> None:
+        """Append this validation's entry to ``curve``: the epoch, the mean training loss of
+        the epoch's batches so far (weighted by batch size over every rank, as ``train/loss``;
+        None where no batch trained), and the validation MSE (the score the checkpoints
+        monitor). Called before the checkpoints of this validation are saved, so each holds
+        its own epoch's entry. Reading the two numbers is a host sync, once per validation."""
+        train_loss = None
+        if self._train_loss_sum is not None:
+            total, count = self._train_loss_sum
+            both = torch.stack([total, torch.full_like(total, count)])
+            both = self.trainer.strategy.reduce(both, reduce_op="sum")
+            train_loss = float(both[0] / both[1])
+        val_mse = float(self.metrics["val"].compute()["val/mse"])
+        self.curve.append({"epoch": self.current_epoch, "train_loss": train_loss,
+                           "val_mse": val_mse})
 
     def on_test_epoch_end(self) -> None:
         self.log_epoch_step()
@@ -369,7 +401,8 @@ class TitansForecaster(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------
     # The memory (fast weights, strategy state) is made of buffers, so it is in every state_dict.
     # The random generators are saved too, so that a resumed fit continues exactly.
-    # The fit's wall time so far is saved too, so that a resumed run's record counts every attempt.
+    # The fit's wall time so far is saved too, so that a resumed run's record counts every attempt,
+    # and so is its learning curve, so that the record's curve has every epoch.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = capture_rng_states()
         every_rank = rng_states_of_every_rank(self.trainer.world_size)
@@ -378,6 +411,7 @@ class TitansForecaster(L.LightningModule):
         checkpoint["strategy_source"] = self.strategy_source
         checkpoint["fit_wall_s"] = self.earlier_fit_wall_s + time.perf_counter() \
             - self._attempt_started
+        checkpoint["curve"] = [dict(entry) for entry in self.curve]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.scored_checkpoint = (int(checkpoint.get("global_step", 0)),
@@ -389,6 +423,7 @@ class TitansForecaster(L.LightningModule):
         if states is not None:
             restore_rng_states(states)
         self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
+        self.curve = [dict(entry) for entry in checkpoint.get("curve", [])]
         follow_checkpoint_folders(self._trainer, checkpoint)
 
 

@@ -20,6 +20,10 @@
     memory_updates   ``{"fit": {"updates", "skipped_slots"}, "test": {...}}``: memory updates
                 (all layers) of the fit (training and validation) and of the test, and how
                 many of their slots were skipped as non-finite (every rank's, per sequence)
+    curve       the fit's learning curve, one entry per validation (every attempt's, for a
+                resumed fit): ``{"epoch", "train_loss", "val_mse"}``, where train_loss is the
+                mean loss of that epoch's training batches (as ``train/loss``) and val_mse the
+                score the checkpoints monitored; an empty list where no validation ran
 
 The file is strict JSON: a non-finite score is null; any other non-finite number (an option
 such as ``clip: .inf``) is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
