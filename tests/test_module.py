@@ -198,3 +198,36 @@ def test_reference_protocol_scores_from_position_15_with_missing_predictions_as_
     assert seen["p"].shape == (2, 40 - 16, 1)
     assert _torch.all(seen["p"][:, : 20 - 1 - 15] == 0)  # t = 15..18 have no window
     assert _torch.equal(seen["t"], batch["targets"][:, 16:])
+
+
+def test_the_epoch_loss_is_summed_on_the_device_weighted_by_batch_size():
+    module = tiny_module()
+    module.add_to_epoch_loss(torch.tensor(1.0), 4)
+    module.add_to_epoch_loss(torch.tensor(4.0), 1)
+    total, count = module._train_loss_sum
+    assert float(total) / count == pytest.approx(8.0 / 5)  # not the mean of the two, 2.5
+
+
+class PoisonValidation(L.Callback):
+    """Feeds a NaN prediction into the validation MSE of one epoch."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if trainer.current_epoch == self.epoch:
+            pl_module.metrics["val"].update(torch.full((1, 1), float("nan")), torch.zeros(1, 1))
+
+
+def test_the_learning_curve_has_an_entry_per_epoch_and_null_for_a_nonfinite_score():
+    module = tiny_module()
+    trainer = tiny_trainer(max_epochs=3, limit_val_batches=1, callbacks=[PoisonValidation(1)])
+    with pytest.warns(RuntimeWarning, match="epoch 1: val_mse not finite"):
+        trainer.fit(module, datamodule=tiny_data())
+    curve = module.curve
+    assert [entry["epoch"] for entry in curve] == [0, 1, 2]
+    assert curve[1]["val_mse"] is None
+    for entry in curve:
+        assert entry["train_loss"] is not None and np.isfinite(entry["train_loss"])
+    assert np.isfinite(curve[0]["val_mse"]) and np.isfinite(curve[2]["val_mse"])

@@ -223,3 +223,15 @@ def test_runs_of_a_logger_without_run_folders_keep_their_records_apart(tiny_sinw
     TitansCLI(["test", *tiny_sinwave, *logger, "--ckpt_path",
                runs[1].trainer.checkpoint_callback.best_model_path])
     assert len(list(Path("shared/project").glob("*/test.json"))) == 1
+
+
+def test_resuming_a_checkpoint_without_a_curve_says_the_curve_is_short(tiny_sinwave, in_tmp):
+    first = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "1"])
+    path = Path(first.trainer.checkpoint_callback.last_model_path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert [e["epoch"] for e in checkpoint.pop("curve")] == [0]
+    torch.save(checkpoint, path)  # as an older version of the package wrote it
+    with pytest.warns(UserWarning, match="holds no learning curve"):
+        resumed = TitansCLI(["fit", *tiny_sinwave, "--trainer.max_epochs", "2",
+                             "--ckpt_path", str(path)])
+    assert [e["epoch"] for e in result_of(resumed)["curve"]] == [1]

@@ -19,6 +19,7 @@ computes the same memory and the same metrics, which are therefore not synchroni
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -143,7 +144,7 @@ class TitansForecaster(L.LightningModule):
         self.earlier_fit_wall_s = 0.0
         # One entry per validation of the fit, also across resumes (it is in every checkpoint):
         # {"epoch", "train_loss", "val_mse"}; see record_curve
-        self.curve: list[dict[str, float]] = []
+        self.curve: list[dict[str, int | float | None]] = []
         self._train_loss_sum: tuple[Tensor, int] | None = None  # this epoch's (sum, batch sizes)
         self._first_nonfinite_step: Tensor | None = None  # see note_nonfinite
         self._attempt_started = time.perf_counter()
@@ -358,10 +359,11 @@ class TitansForecaster(L.LightningModule):
 
     def record_curve(self) -> None:
         """Append this validation's entry to ``curve``: the epoch, the mean training loss of
-        the epoch's batches so far (weighted by batch size over every rank, as ``train/loss``;
-        None where no batch trained), and the validation MSE (the score the checkpoints
-        monitor). Called before the checkpoints of this validation are saved, so each holds
-        its own epoch's entry. Reading the two numbers is a host sync, once per validation."""
+        the epoch's batches up to this validation in this attempt (weighted by batch size over
+        every rank, as ``train/loss``; None where none trained), and the validation MSE (the
+        score the checkpoints monitor). A value that is not finite is None, with a warning.
+        Called before the checkpoints of this validation are saved, so each holds its own
+        epoch's entry. Reading the two numbers is a host sync, once per validation."""
         train_loss = None
         if self._train_loss_sum is not None:
             total, count = self._train_loss_sum
@@ -369,8 +371,15 @@ class TitansForecaster(L.LightningModule):
             both = self.trainer.strategy.reduce(both, reduce_op="sum")
             train_loss = float(both[0] / both[1])
         val_mse = float(self.metrics["val"].compute()["val/mse"])
-        self.curve.append({"epoch": self.current_epoch, "train_loss": train_loss,
-                           "val_mse": val_mse})
+        entry = {"epoch": self.current_epoch, "train_loss": train_loss, "val_mse": val_mse}
+        bad = [k for k in ("train_loss", "val_mse")
+               if entry[k] is not None and not math.isfinite(entry[k])]
+        if bad:
+            rank_zero_warn(
+                f"epoch {self.current_epoch}: {' and '.join(bad)} not finite (the record's "
+                "curve has null there); this epoch cannot be the best one, but the memory or "
+                "the model diverged while it ran", category=RuntimeWarning)
+        self.curve.append({k: None if k in bad else v for k, v in entry.items()})
 
     def on_test_epoch_end(self) -> None:
         self.log_epoch_step()
@@ -423,6 +432,11 @@ class TitansForecaster(L.LightningModule):
         if states is not None:
             restore_rng_states(states)
         self.earlier_fit_wall_s = float(checkpoint.get("fit_wall_s", 0.0))
+        if "curve" not in checkpoint and int(checkpoint.get("global_step", 0)) > 0:
+            rank_zero_warn(
+                "this checkpoint holds no learning curve (an older version of the package made "
+                "it): the record's curve starts at the epochs this fit runs from here",
+                category=UserWarning)
         self.curve = [dict(entry) for entry in checkpoint.get("curve", [])]
         follow_checkpoint_folders(self._trainer, checkpoint)
 

@@ -22,8 +22,10 @@
                 many of their slots were skipped as non-finite (every rank's, per sequence)
     curve       the fit's learning curve, one entry per validation (every attempt's, for a
                 resumed fit): ``{"epoch", "train_loss", "val_mse"}``, where train_loss is the
-                mean loss of that epoch's training batches (as ``train/loss``) and val_mse the
-                score the checkpoints monitored; an empty list where no validation ran
+                mean loss of the epoch's training batches up to that validation (as
+                ``train/loss``: the whole epoch, with the default ``val_check_interval``) and
+                val_mse the score the checkpoints monitored; a value that was not finite is
+                null; an empty list where no validation ran
 
 The file is strict JSON: a non-finite score is null; any other non-finite number (an option
 such as ``clip: .inf``) is written as the string ``"inf"``, ``"-inf"`` or ``"nan"``.
